@@ -15,35 +15,50 @@ import fastai.torch_core
 __all__ = ['VideoDecodeError', 'AnnotationError', 'set_seed', 'worker_init', 'clip_to_numpy', 'TensorClip', 'show_frames']
 
 # %% ../nbs/00_core.ipynb #c005
+def _from_worker_text(text:str, name:str):
+    "Split the `Name: path: reason` line torch puts at the end of a DataLoader worker's traceback text."
+    last = [l for l in text.splitlines() if l.startswith(f'{name}: ') or f'.{name}: ' in l]
+    if not last: return None, text
+    path, _, reason = last[-1].split(f'{name}: ', 1)[1].partition(': ')
+    return path, reason
+
 class VideoDecodeError(RuntimeError):
     "A video could not be opened or decoded. The message starts with the path."
-    def __init__(self, path, reason:str):
+    def __init__(self, path, reason:str|None=None):
+        if reason is None: # torch re-raises a DataLoader worker's error as `type(e)(traceback_text)`
+            text = str(path)
+            path, reason = _from_worker_text(text, 'VideoDecodeError')
+            reason = f"{reason}\n\n{text}" if path is not None else reason
         self.path, self.reason = str(path), reason
         super().__init__(f"{self.path}: {reason}")
     def __reduce__(self): return (self.__class__, (self.path, self.reason))
 
 class AnnotationError(ValueError):
     "A bad line in an annotation file: names the file, the line number (1-based) and what is wrong."
-    def __init__(self, path, line:int|None, reason:str):
+    def __init__(self, path, line:int|None=None, reason:str|None=None):
+        if reason is None and line is None: # re-raised from a DataLoader worker: one text argument
+            text = str(path)
+            path, reason = _from_worker_text(text, 'AnnotationError')
+            reason = f"{reason}\n\n{text}" if path is not None else reason
         self.path, self.line, self.reason = str(path), line, reason
         where = self.path if line is None else f"{self.path}, line {line}"
         super().__init__(f"{where}: {reason}")
     def __reduce__(self): return (self.__class__, (self.path, self.line, self.reason))
 
-# %% ../nbs/00_core.ipynb #c010
+# %% ../nbs/00_core.ipynb #c012
 def set_seed(seed:int, reproducible:bool=False) -> np.random.Generator:
     "Seed python, numpy and torch (and cudnn determinism if `reproducible`); return a numpy Generator seeded with `seed`."
     fastai.torch_core.set_seed(seed, reproducible=reproducible)
     return np.random.default_rng(seed)
 
-# %% ../nbs/00_core.ipynb #c013
+# %% ../nbs/00_core.ipynb #c015
 def worker_init(worker_id:int):
     "DataLoader `worker_init_fn`: one torch thread per worker and a per-worker numpy/random seed."
     torch.set_num_threads(1)
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed); random.seed(seed)
 
-# %% ../nbs/00_core.ipynb #c015
+# %% ../nbs/00_core.ipynb #c017
 def clip_to_numpy(clip) -> np.ndarray:
     "A `(T,C,H,W)` clip (uint8, or float in [0,1]) as a uint8 `(T,H,W,C)` array for display."
     c = torch.as_tensor(clip).detach().cpu()
@@ -55,7 +70,7 @@ class TensorClip(TensorBase):
     def show(self, ctx=None, max_frames:int=8, title=None, **kwargs):
         return show_frames(self, ctx=ctx, max_frames=max_frames, title=title, **kwargs)
 
-# %% ../nbs/00_core.ipynb #c016
+# %% ../nbs/00_core.ipynb #c018
 def show_frames(clip, ctx=None, max_frames:int=8, title=None, figsize_per_frame=1.6, **kwargs):
     "Draw up to `max_frames` frames of a `(T,C,H,W)` clip side by side as one strip on `ctx` (a matplotlib axis)."
     import matplotlib.pyplot as plt
