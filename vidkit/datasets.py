@@ -18,7 +18,7 @@ from .io import open_video
 
 # %% auto #0
 __all__ = ['VIDEO_EXTENSIONS', 'VideoRecord', 'read_video_list', 'read_rawframe_list', 'read_activitynet', 'read_hmdb51',
-           'read_ucf101', 'read_kinetics_csv', 'read_ssv2', 'read_folder', 'VideoDataset', 'RepeatDataset',
+           'read_ucf101', 'read_kinetics_csv', 'read_ssv2', 'read_folder', 'read_clip', 'VideoDataset', 'RepeatDataset',
            'check_videos']
 
 # %% ../nbs/03_datasets.ipynb #c007
@@ -397,7 +397,38 @@ def _as_tfm(t): return t if isinstance(t, Transform) else _ClipFn(t)
 
 def _is_multi(label): return isinstance(label, (list, tuple, np.ndarray, torch.Tensor))
 
-# %% ../nbs/03_datasets.ipynb #c048
+# %% ../nbs/03_datasets.ipynb #c049
+def _frame_indices(rec:VideoRecord, r, sampler):
+    "0-based frame indices of the opened reader `r` to read for `rec`."
+    if rec.num_frames is not None and r.backend == 'frames': total = rec.num_frames
+    else: total = r.num_frames - rec.offset
+    first = rec.offset
+    if rec.start is not None or rec.end is not None:
+        fps = r.fps or rec.fps
+        if not fps: raise VideoDecodeError(rec.path, 'the record is a segment in seconds but the frame rate is unknown')
+        s = min(max(int(round((rec.start or 0) * fps)), 0), total - 1)
+        e = total if rec.end is None else min(max(int(round(rec.end * fps)), s + 1), total)
+        first, total = first + s, e - s
+    seed = None if getattr(sampler, 'test_mode', False) else int(torch.randint(0, 2**62, ()).item())
+    return sampler(total, seed) + first
+
+def read_clip(rec, sampler, backend:str='auto', **reader_kw) -> TensorClip:
+    "Sample and read the frames of `rec` (a `VideoRecord` or a path): uint8 `(T,C,H,W)`, or `(V,T,C,H,W)` for several views."
+    rec = rec if isinstance(rec, VideoRecord) else VideoRecord(rec)
+    kw = dict(reader_kw)
+    if rec.fps is not None: kw.setdefault('fps', rec.fps)
+    try:
+        with open_video(rec.path, backend, **kw) as r:
+            frames = r.get_frames(_frame_indices(rec, r, sampler))
+    except Exception as e: raise _decode_error(rec.path, e) from e
+    fpv, views = sampler.frames_per_view, sampler.views
+    if views == -1: views = len(frames) // fpv      # a sampler whose number of clips depends on the video
+    if views * fpv != len(frames):
+        raise VideoDecodeError(rec.path, f"the sampler gave {len(frames)} frames, expected views*frames_per_view = {views}*{fpv}")
+    if views > 1: frames = frames.reshape(views, fpv, *frames.shape[1:])
+    return TensorClip(frames)
+
+# %% ../nbs/03_datasets.ipynb #c050
 class VideoDataset(torch.utils.data.Dataset):
     "Video records + a frame sampler + a reader backend + item transforms: `ds[i] -> (TensorClip, TensorCategory)`."
     def __init__(self, records:Sequence[VideoRecord], sampler, tfms=None, vocab:Sequence[str]|None=None, backend:str='auto',
@@ -447,35 +478,9 @@ class VideoDataset(torch.utils.data.Dataset):
         "Paths found unreadable so far with `on_error='skip'` (all processes)."
         return [str(self.records[j].path) for j in range(len(self.records)) if self._bad[j]]
 
-    def _indices(self, rec, r):
-        "0-based frame indices of the opened reader `r` to read for `rec`."
-        if rec.num_frames is not None and r.backend == 'frames': total = rec.num_frames
-        else: total = r.num_frames - rec.offset
-        first = rec.offset
-        if rec.start is not None or rec.end is not None:
-            fps = r.fps or rec.fps
-            if not fps: raise VideoDecodeError(rec.path, 'the record is a segment in seconds but the frame rate is unknown')
-            s = min(max(int(round((rec.start or 0) * fps)), 0), total - 1)
-            e = total if rec.end is None else min(max(int(round(rec.end * fps)), s + 1), total)
-            first, total = first + s, e - s
-        seed = None if getattr(self.sampler, 'test_mode', False) else int(torch.randint(0, 2**62, ()).item())
-        return self.sampler(total, seed) + first
-
     def _load(self, i):
         "The frames of item `i` as a uint8 `TensorClip`, `(T,C,H,W)` or `(V,T,C,H,W)`; any failure is a `VideoDecodeError`."
-        rec = self.records[i]
-        kw = dict(self.reader_kw)
-        if rec.fps is not None: kw.setdefault('fps', rec.fps)
-        try:
-            with open_video(rec.path, self.backend, **kw) as r:
-                frames = r.get_frames(self._indices(rec, r))
-        except Exception as e: raise _decode_error(rec.path, e) from e
-        fpv, views = self.sampler.frames_per_view, self.sampler.views
-        if views == -1: views = len(frames) // fpv      # a sampler whose number of clips depends on the video
-        if views * fpv != len(frames):
-            raise VideoDecodeError(rec.path, f"the sampler gave {len(frames)} frames, expected views*frames_per_view = {views}*{fpv}")
-        if views > 1: frames = frames.reshape(views, fpv, *frames.shape[1:])
-        return TensorClip(frames)
+        return read_clip(self.records[i], self.sampler, self.backend, **self.reader_kw)
 
     def _load_skipping(self, i):
         "`(j, clip)` for the first readable item `j` from `i` on (wrapping around), marking bad ones on the way."
@@ -530,7 +535,7 @@ class VideoDataset(torch.utils.data.Dataset):
         "A dataset like this one without records (what fastai's `Learner.export` keeps)."
         return type(self)([], self.sampler, list(self.tfms.fs), self.vocab, self.backend, self.on_error, self.split_idx, **self.reader_kw)
 
-# %% ../nbs/03_datasets.ipynb #c064
+# %% ../nbs/03_datasets.ipynb #c066
 class RepeatDataset(torch.utils.data.Dataset):
     "Repeat `ds` `times` times: `len = times * len(ds)`, item `i` is `ds[i % len(ds)]`."
     def __init__(self, ds, times:int):
@@ -550,7 +555,7 @@ class RepeatDataset(torch.utils.data.Dataset):
         return getattr(self.ds, k)
     def __repr__(self): return f"RepeatDataset({self.ds!r}, times={self.times})"
 
-# %% ../nbs/03_datasets.ipynb #c067
+# %% ../nbs/03_datasets.ipynb #c069
 def _check_one(rec, backend, min_frames, reader_kw):
     "`(status, num_frames, reason)` for one record."
     p = str(rec.path)
