@@ -410,9 +410,10 @@ class FrameFolderReader(VideoReader):
         return self.path / self.filename_tmpl.format(int(i) + self.start_index)
 
     def _load(self, i) -> torch.Tensor:
-        from torchvision.io import decode_image, read_file, ImageReadMode
+        from PIL import Image   # torchvision's image decoding is deprecated since 0.29
         fn = self.frame_path(i)
-        try: return decode_image(read_file(str(fn)), mode=ImageReadMode.RGB)
+        try:
+            with Image.open(fn) as im: return torch.from_numpy(np.asarray(im.convert('RGB')).copy()).permute(2, 0, 1)
         except Exception as e:
             reason = 'file is missing' if not fn.exists() else f"{type(e).__name__}: {_short(e)}"
             raise VideoDecodeError(self.name, f"frame {int(i)}: cannot read {fn.name}: {reason}") from e
