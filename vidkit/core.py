@@ -4,7 +4,9 @@
 
 # %% ../nbs/00_core.ipynb #c003
 from __future__ import annotations
-import os, random
+import os, random, warnings
+# fastai 2.8 calls the deprecated `torch.jit.script` when it is imported; users cannot act on that warning
+warnings.filterwarnings('ignore', message='`torch.jit.script` is deprecated', category=FutureWarning)
 from pathlib import Path
 import numpy as np
 import torch
