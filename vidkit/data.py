@@ -12,6 +12,7 @@ from fastcore.basics import ifnone, patch
 from fastai.data.core import TfmdDL, DataLoaders, get_show_batch_func
 from fastai.data.block import TransformBlock
 from fastai.data.transforms import Category
+from fastai.torch_core import TensorCategory
 from fasttransform import Transform
 from plum import dispatch
 from .core import TensorClip, set_seed, show_frames, clip_to_numpy
@@ -55,6 +56,17 @@ def default_train_tfms(size:int, short_side:int, flip_label_map:dict|None=None, 
     "Training item transforms: resize the short side, MMAction2's multi-scale crop (a centre crop on validation), flip."
     return [Resize(short_side), MultiScaleCrop(size)] + ([Flip(flip_label_map=flip_label_map)] if flip else [])
 
+class _InputsOnly:
+    "A dataset's items without their labels (fastai's unlabelled `test_dl`: nothing to compute a loss against)."
+    def __init__(self, ds): self.ds = ds
+    def __len__(self): return len(self.ds)
+    def __getitem__(self, i): return self.ds[i][:1]
+    def decode(self, o, full=True):
+        return self.ds.decode(o, full=full) if len(o) > 1 else self.ds.decode((o[0], TensorCategory(-1)), full=full)[:1]
+    def __getattr__(self, k):
+        if k == 'ds': raise AttributeError(k)
+        return getattr(self.ds, k)
+
 def _workers(n): return min(2, os.cpu_count() or 1) if n is None else n
 
 class VideoDataLoaders(DataLoaders):
@@ -93,12 +105,20 @@ class VideoDataLoaders(DataLoaders):
         res.data_cfg = getattr(self, 'data_cfg', None)
         return res
 
+    def test_dl(self, test_items, rm_type_tfms=None, with_labels:bool=False, **kwargs):
+        "A loader over `test_items` (paths or `VideoRecord`s) with the validation pipeline: what `learn.predict` and fastai's interpreters use."
+        v = self.valid_ds
+        ds = VideoDataset([r if isinstance(r, VideoRecord) else VideoRecord(r) for r in test_items], v.sampler,
+                          list(v.tfms.fs), v.vocab, v.backend, 'raise', split_idx=1, **v.reader_kw)
+        kwargs.pop('process', None)
+        return self.valid.new(ds if with_labels else _InputsOnly(ds), **kwargs)
+
     @property
     def vocab(self): return self.train_ds.vocab
     @property
     def c(self): return len(self.vocab)
 
-# %% ../nbs/06_data.ipynb #c016
+# %% ../nbs/06_data.ipynb #c018
 @patch(cls_method=True)
 def from_lists(cls:VideoDataLoaders, train_list, valid_list, data_root=None, classes=None, rawframes:bool=False, **kwargs):
     "DataLoaders from MMAction2 list files: `path label` videos, or `frame_dir total_frames label` with `rawframes=True`."
@@ -149,7 +169,7 @@ def from_synthetic(cls:VideoDataLoaders, root, n_per_class:int|None=None, seed:i
     return cls.from_lists(root/lists[0], root/lists[1], data_root=root, classes=names, rawframes=rawframes,
                           seed=seed, path=root, **kwargs)
 
-# %% ../nbs/06_data.ipynb #c020
+# %% ../nbs/06_data.ipynb #c022
 @dispatch
 def show_batch(x:TensorClip, y, samples, ctxs=None, max_n:int=6, nrows=None, ncols=1, figsize=None, **kwargs):
     "Show a batch of clips: one row per clip, frames side by side, the label as title."
@@ -162,7 +182,7 @@ def show_batch(x:TensorClip, y, samples, ctxs=None, max_n:int=6, nrows=None, nco
         ctxs = list(np.atleast_1d(axs))
     return get_show_batch_func(object, object, object)(x, y, samples, ctxs=ctxs, max_n=n, **kwargs)
 
-# %% ../nbs/06_data.ipynb #c022
+# %% ../nbs/06_data.ipynb #c024
 def show_clip(clip, fps:int=8, width:int=None, title=None):
     "An inline HTML5 animation of a `(T,C,H,W)` clip (uint8 or float in [0,1]) for notebooks."
     import matplotlib.pyplot as plt
@@ -180,7 +200,7 @@ def show_clip(clip, fps:int=8, width:int=None, title=None):
     plt.close(fig)
     return HTML(html)
 
-# %% ../nbs/06_data.ipynb #c025
+# %% ../nbs/06_data.ipynb #c027
 class ReadClip(Transform):
     "Type transform: a path or `VideoRecord` -> uint8 `TensorClip`, sampled in test mode on the validation split."
     def __init__(self, sampler=None, backend:str='auto', **reader_kw):

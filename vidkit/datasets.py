@@ -11,7 +11,7 @@ from typing import Sequence
 import numpy as np
 import torch
 from fastai.torch_core import TensorCategory, TensorMultiCategory
-from fastai.data.transforms import Category, MultiCategory
+from fastai.data.transforms import Category, MultiCategory, CategoryMap
 from fasttransform import Pipeline, Transform
 from .core import VideoDecodeError, AnnotationError, TensorClip
 from .io import open_video
@@ -441,7 +441,7 @@ class VideoDataset(torch.utils.data.Dataset):
         if vocab is None:
             top = max((max(l, default=-1) if self.multi_label else l for l in labels), default=-1)
             vocab = [str(c) for c in range(top + 1)]
-        self.vocab = list(vocab)
+        self.vocab = CategoryMap(list(vocab), sort=False)   # fastai's class-name list type (what its interpreters expect)
         self.split_idx = (1 if getattr(sampler, 'test_mode', False) else 0) if split_idx is None else split_idx
         self.tfms = Pipeline([_as_tfm(t) for t in (tfms if isinstance(tfms, (list, tuple)) else [] if tfms is None else [tfms])],
                              split_idx=self.split_idx)
@@ -465,6 +465,10 @@ class VideoDataset(torch.utils.data.Dataset):
         if self._bad is None: self._init_shared()
 
     def __len__(self): return len(self.records)
+    @property
+    def items(self) -> list:
+        "The records, under the name fastai's `Interpretation` and `test_dl` look for."
+        return self.records
     def __repr__(self):
         return (f"{type(self).__name__}({len(self)} records, {len(self.vocab)} classes, sampler={self.sampler!r}, "
                 f"backend={self.backend!r}, on_error={self.on_error!r})")

@@ -264,43 +264,7 @@ def tensorboard_log(x:TensorClip, y:TensorCategory, samples, outs, writer, step)
     _show_clip_results(samples, outs, axs, len(samples), None, None, 1)
     writer.add_figure('Sample results', fig, step)
 
-# %% ../nbs/08_learner.ipynb #c045
-from fastai.interpret import Interpretation
-from fastcore.xtras import is_listy
-
-class _Subset:
-    "Items `idxs` of dataset `ds`, which keeps its `decode` and other attributes."
-    def __init__(self, ds, idxs): self.ds, self.idxs = ds, list(idxs)
-    def __len__(self): return len(self.idxs)
-    def __getitem__(self, i): return self.ds[self.idxs[i]]
-    def __getattr__(self, k):
-        if k in ('ds', 'idxs'): raise AttributeError(k)
-        return getattr(self.ds, k)
-
-_fastai_interp_getitem = Interpretation.__getitem__
-
-@patch
-def __getitem__(self:Interpretation, idxs):
-    "Inputs, preds, targs, decoded outputs and losses at `idxs`, also for datasets that are not fastai `Datasets`."
-    ds = getattr(self.dl, 'dataset', None)
-    if ds is None or hasattr(ds, 'items') or not hasattr(self.dl, 'new'): return _fastai_interp_getitem(self, idxs)
-    if isinstance(idxs, torch.Tensor): idxs = idxs.tolist()
-    if not is_listy(idxs): idxs = [idxs]
-    dl = self.dl.new(dataset=_Subset(ds, idxs), shuffle=False, drop_last=False)
-    inps, preds, targs, decoded = self.learn.get_preds(dl=dl, with_input=True, with_loss=False, with_decoded=True,
-                                                       act=self.act, reorder=False)
-    return inps, preds, targs, decoded, self.losses[idxs]
-
 # %% ../nbs/08_learner.ipynb #c047
-_fastai_ci_init = ClassificationInterpretation.__init__
-
-@patch
-def __init__(self:ClassificationInterpretation, learn, dl, losses, act=None):
-    _fastai_ci_init(self, learn, dl, losses, act)
-    v = getattr(self.dl, 'vocab', None)
-    if isinstance(v, (list, tuple, L)) and len(v) and all(isinstance(o, str) for o in v): self.vocab = list(v)
-
-# %% ../nbs/08_learner.ipynb #c051
 def atomic_save(obj, path) -> Path:
     "`torch.save(obj)` to `path` atomically: write a temp file in the same folder, fsync it, `os.replace` it over `path`."
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
@@ -339,7 +303,7 @@ def _remove_stale_tmp(path:Path):
         try: p.unlink()
         except OSError: pass
 
-# %% ../nbs/08_learner.ipynb #c053
+# %% ../nbs/08_learner.ipynb #c049
 def _to_plain(o, where='checkpoint'):
     if isinstance(o, np.generic): return o.item()          # before float: np.float64 is a float subclass
     if o is None or isinstance(o, (bool, int, float, str, torch.Tensor)): return o
@@ -350,7 +314,7 @@ def _to_plain(o, where='checkpoint'):
     if isinstance(o, (list, L)): return [_to_plain(v, f'{where}[{i}]') for i, v in enumerate(o)]
     raise TypeError(f"{where}: a {type(o).__name__} cannot be stored in a vidkit checkpoint")
 
-# %% ../nbs/08_learner.ipynb #c055
+# %% ../nbs/08_learner.ipynb #c051
 _RNG_TYPES = (random.Random, np.random.Generator, torch.Generator)
 
 def _gen_state(g):
@@ -412,7 +376,7 @@ def _set_rng_state(learn, st:dict):
             setattr(obj, attr, _restore_gen(getattr(obj, attr, None), saved.pop(key)))
     if saved: warnings.warn(f"resume: no place to restore the random generators {sorted(saved)} (the data pipeline changed?)")
 
-# %% ../nbs/08_learner.ipynb #c058
+# %% ../nbs/08_learner.ipynb #c054
 def _vocab(learn):
     v = getattr(learn.dls, 'vocab', None)
     if v is None: return None
@@ -471,7 +435,7 @@ def load_checkpoint(path, map_location='cpu') -> dict:
         raise ValueError(f"{path}: not a vidkit checkpoint (no 'model'/'epoch' entries; found {keys})")
     return ck
 
-# %% ../nbs/08_learner.ipynb #c060
+# %% ../nbs/08_learner.ipynb #c056
 class CheckpointCallback(TrackerCallback):
     "After each epoch, atomically save a full vidkit checkpoint to `fname` and, when `monitor` improves, to `best_fname`."
     order = TrackerCallback.order + 2
@@ -514,7 +478,7 @@ class CheckpointCallback(TrackerCallback):
             if last_path is None or not _link_replace(last_path, best):
                 atomic_save(ck if ck is not None else checkpoint_state(self.learn, with_opt=self.with_opt, epoch=done), best)
 
-# %% ../nbs/08_learner.ipynb #c063
+# %% ../nbs/08_learner.ipynb #c059
 class ResumeCallback(Callback):
     "Continue a fit from a vidkit checkpoint: skip its completed epochs (restoring their records), then restore its RNG state."
     order, remove_on_fetch = 45, True                      # before Recorder (50), trackers (60) and loggers
@@ -588,7 +552,7 @@ def resume(self:Learner, fname='last', missing_ok:bool=False, with_opt:bool=True
     self.add_cb(ResumeCallback(ck))
     return int(ck['epoch'])
 
-# %% ../nbs/08_learner.ipynb #c075
+# %% ../nbs/08_learner.ipynb #c071
 @dataclass
 class ViewResults:
     "Per-video results of multi-view testing: `scores` (N, classes) averaged over `num_views` views, `targets`, `metrics`."
@@ -651,7 +615,7 @@ def view_metrics(scores, targets, multi_label:bool=False) -> dict:
     s, t = scores[keep], targets[keep].long()
     return {'top1_acc': float(accuracy(s, t)), 'top5_acc': float(top5_accuracy(s, t)), 'mean_class_accuracy': mean_class_accuracy(s, t)}
 
-# %% ../nbs/08_learner.ipynb #c077
+# %% ../nbs/08_learner.ipynb #c073
 def _avg_views(logits:torch.Tensor, average:str, multi_label:bool) -> torch.Tensor:
     "(B, V, classes) view logits -> (B, classes): mean of probabilities ('prob') or of logits ('score')."
     if average == 'score': return logits.mean(1)
@@ -679,7 +643,7 @@ def _deinterleave(x, n:int):
     if nt % n: raise ValueError(f"{nt} frames cannot be dealt out to {n} views")
     return x.reshape(b, v, nt // n, n, *chw).transpose(2, 3).reshape(b, v * n, nt // n, *chw)
 
-# %% ../nbs/08_learner.ipynb #c078
+# %% ../nbs/08_learner.ipynb #c074
 def _need_cfg(data_cfg, key):
     if not data_cfg or data_cfg.get(key) is None:
         raise ValueError(f"evaluate_views: the learner's data_cfg has no {key!r}; build the DataLoaders with vidkit.data "
