@@ -31,9 +31,11 @@ from .core import TensorClip
 
 # %% auto #0
 __all__ = ['top5_accuracy', 'mean_class_accuracy', 'MeanClassAccuracy', 'mean_average_precision', 'mAP', 'ParamGroup',
-           'MultOptimizer', 'with_multipliers', 'fc_lr5_splitter', 'video_learner', 'show_results', 'plot_top_losses',
-           'tensorboard_log', 'atomic_save', 'checkpoint_state', 'save_checkpoint', 'load_checkpoint',
-           'CheckpointCallback', 'ResumeCallback', 'ViewResults', 'view_metrics', 'evaluate_views']
+           'MultOptimizer', 'with_multipliers', 'fc_lr5_splitter', 'register_loss', 'register_optimizer',
+           'register_param_groups', 'register_schedule', 'list_losses', 'list_optimizers', 'list_param_groups',
+           'list_schedules', 'get_loss', 'get_optimizer', 'get_param_groups', 'get_schedule', 'video_learner',
+           'show_results', 'plot_top_losses', 'tensorboard_log', 'atomic_save', 'checkpoint_state', 'save_checkpoint',
+           'load_checkpoint', 'CheckpointCallback', 'ResumeCallback', 'ViewResults', 'view_metrics', 'evaluate_views']
 
 # %% ../nbs/08_learner.ipynb #c006
 def top5_accuracy(inp, targ, axis=-1):
@@ -147,7 +149,98 @@ def fc_lr5_splitter(model:nn.Module) -> list[ParamGroup]:
             if sel: out[stage].append(ParamGroup(sel, g.get('lr_mult', 1.), g.get('wd_mult', 1.), stage))
     return out[0] + out[1]
 
-# %% ../nbs/08_learner.ipynb #c020
+# %% ../nbs/08_learner.ipynb #c021
+from .models import _Registry, _decorator, video_splitter
+from fastai.callback.schedule import ParamScheduler, SchedCos, SchedLin, SchedNo, combine_scheds
+from fastai.optimizer import SGD, RMSProp, Lamb, ranger
+from fastai.losses import LabelSmoothingCrossEntropyFlat, FocalLossFlat
+
+_LOSSES = _Registry('loss', 'list_losses')
+_OPTIMIZERS = _Registry('optimizer', 'list_optimizers')
+_PARAM_GROUPS = _Registry('parameter-group rule', 'list_param_groups')
+_SCHEDULES = _Registry('schedule', 'list_schedules')
+
+def register_loss(name=None, **default_kw):
+    "Decorator: register `fn(**kw) -> loss` as loss `name`."
+    return _decorator(_LOSSES, name, default_kw)
+def register_optimizer(name=None, **default_kw):
+    "Decorator: register `fn(params, **kw) -> fastai Optimizer` (an `opt_func`) as optimizer `name`."
+    return _decorator(_OPTIMIZERS, name, default_kw)
+def register_param_groups(name=None):
+    "Decorator: register `fn(model) -> parameter groups` (a fastai `splitter`) as rule `name`."
+    return _decorator(_PARAM_GROUPS, name, None)
+def register_schedule(name=None, **default_kw):
+    "Decorator: register `fn(lr_max, **kw) -> {hyper: schedule}` (for `ParamScheduler`) as schedule `name`."
+    return _decorator(_SCHEDULES, name, default_kw)
+
+def list_losses(pattern=None): "Registered loss names." ; return _LOSSES.names(pattern)
+def list_optimizers(pattern=None): "Registered optimizer names."; return _OPTIMIZERS.names(pattern)
+def list_param_groups(pattern=None): "Registered parameter-group rule names."; return _PARAM_GROUPS.names(pattern)
+def list_schedules(pattern=None): "Registered schedule names."; return _SCHEDULES.names(pattern)
+
+def get_loss(name:str, **kw):
+    "The loss registered as `name`, built with `kw` over its defaults."
+    fn, cfg = _LOSSES.get(name); return fn(**{**cfg, **kw})
+def get_optimizer(name:str, **kw):
+    "An `opt_func` for the optimizer registered as `name` (with `kw` over its defaults)."
+    fn, cfg = _OPTIMIZERS.get(name)
+    cfg = {**cfg, **kw}
+    if not cfg: return fn
+    def opt_func(params, **k): return fn(params, **{**cfg, **k})
+    opt_func.__name__ = name
+    return opt_func
+def get_param_groups(name:str):
+    "The splitter registered as `name`."
+    return _PARAM_GROUPS.get(name)[0]
+def get_schedule(name:str, lr_max, **kw) -> dict:
+    "`{hyper: schedule}` of the schedule registered as `name` for peak learning rate `lr_max`."
+    fn, cfg = _SCHEDULES.get(name); return fn(lr_max, **{**cfg, **kw})
+
+# %% ../nbs/08_learner.ipynb #c022
+register_loss('cross_entropy')(CrossEntropyLossFlat)
+register_loss('bce')(BCEWithLogitsLossFlat)
+register_loss('label_smoothing')(LabelSmoothingCrossEntropyFlat)
+register_loss('focal')(FocalLossFlat)
+register_optimizer('adam')(Adam)
+register_optimizer('sgd', mom=0.9)(SGD)
+register_optimizer('rmsprop')(RMSProp)
+register_optimizer('lamb')(Lamb)
+register_optimizer('ranger')(ranger)
+register_param_groups('video')(video_splitter)
+register_param_groups('fc_lr5')(fc_lr5_splitter)    # by name, video_learner also wraps the optimizer to apply its multipliers
+
+@register_schedule('one_cycle')
+def _one_cycle(lr_max, pct_start:float=0.25, div:float=25., div_final:float=1e5):
+    "fastai's one-cycle learning rate: cosine warm-up from `lr_max/div`, cosine annealing to `lr_max/div_final`."
+    return {'lr': combine_scheds([pct_start, 1 - pct_start], [SchedCos(lr_max / div, lr_max), SchedCos(lr_max, lr_max / div_final)])}
+
+@register_schedule('cosine')
+def _cosine(lr_max, warmup:float=0., eta_min:float=0.):
+    "MMAction2's `CosineAnnealingLR` (with an optional linear warm-up over the first `warmup` fraction of training)."
+    cos = SchedCos(lr_max, eta_min)
+    if not warmup: return {'lr': cos}
+    return {'lr': combine_scheds([warmup, 1 - warmup], [SchedLin(lr_max * 0.1, lr_max), cos])}
+
+@register_schedule('step')
+def _step(lr_max, milestones=(0.5, 0.75), gamma:float=0.1):
+    "MMAction2's `MultiStepLR`: multiply the learning rate by `gamma` at each milestone (fractions of training)."
+    ms = sorted(float(m) for m in milestones)
+    edges = [0.] + ms + [1.]
+    return {'lr': combine_scheds([b - a for a, b in zip(edges, edges[1:])], [SchedNo(lr_max * gamma ** k, lr_max * gamma ** k) for k in range(len(edges) - 1)])}
+
+@register_schedule('constant')
+def _constant(lr_max): "The same learning rate throughout."; return {'lr': SchedNo(lr_max, lr_max)}
+
+@patch
+def fit_schedule(self:Learner, n_epoch:int, lr=None, schedule:str='one_cycle', cbs=None, wd=None, **sched_kw):
+    "Fit `n_epoch` epochs with the learning-rate schedule registered as `schedule` (peak `lr`)."
+    if self.opt is None: self.create_opt()
+    self.opt.set_hyper('lr', self.lr if lr is None else lr)      # a slice spreads over the parameter groups
+    lr_max = np.array([h['lr'] for h in self.opt.hypers])
+    scheds = get_schedule(schedule, lr_max, **sched_kw)
+    self.fit(n_epoch, cbs=ParamScheduler(scheds) + L(cbs), wd=wd)
+
+# %% ../nbs/08_learner.ipynb #c026
 def _data_cfg(dls): return getattr(dls, 'data_cfg', None)
 
 def _is_multi_label(dls) -> bool:
@@ -204,6 +297,11 @@ def video_learner(dls, arch, pretrained=None, metrics=None, num_classes:int|None
         name = str(arch)
         mkw = _plain_value({**_model_kwargs_from_data(name, _data_cfg(dls)), **model_kw}, f"video_learner({name!r}) model arguments")
         model = create_video_model(name, int(n), pretrained=pretrained, **mkw)
+    if isinstance(loss_func, str): loss_func = get_loss(loss_func)
+    if isinstance(opt_func, str): opt_func = get_optimizer(opt_func)
+    if isinstance(splitter, str):
+        if splitter == 'fc_lr5': splitter, fc_lr5 = None, True
+        else: splitter = get_param_groups(splitter)
     if loss_func is None: loss_func = BCEWithLogitsLossFlat() if multi_label else CrossEntropyLossFlat()
     if metrics is None: metrics = _default_metrics(dls, multi_label)
     if splitter is None:
@@ -225,7 +323,7 @@ def _set_amp(learn, amp):
     elif amp == 'bf16': learn.to_bf16()
     else: raise ValueError(f"video_learner: amp={amp!r}; use 'auto', True/'fp16', 'bf16' or False")
 
-# %% ../nbs/08_learner.ipynb #c043
+# %% ../nbs/08_learner.ipynb #c049
 def _label(o) -> str: return ';'.join(map(str, o)) if isinstance(o, (list, tuple, L)) else str(o)
 
 def _show_clip_results(samples, outs, ctxs, max_n, figsize, nrows, ncols, **kwargs):
@@ -264,7 +362,7 @@ def tensorboard_log(x:TensorClip, y:TensorCategory, samples, outs, writer, step)
     _show_clip_results(samples, outs, axs, len(samples), None, None, 1)
     writer.add_figure('Sample results', fig, step)
 
-# %% ../nbs/08_learner.ipynb #c047
+# %% ../nbs/08_learner.ipynb #c055
 def atomic_save(obj, path) -> Path:
     "`torch.save(obj)` to `path` atomically: write a temp file in the same folder, fsync it, `os.replace` it over `path`."
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
@@ -303,7 +401,7 @@ def _remove_stale_tmp(path:Path):
         try: p.unlink()
         except OSError: pass
 
-# %% ../nbs/08_learner.ipynb #c049
+# %% ../nbs/08_learner.ipynb #c057
 def _to_plain(o, where='checkpoint'):
     if isinstance(o, np.generic): return o.item()          # before float: np.float64 is a float subclass
     if o is None or isinstance(o, (bool, int, float, str, torch.Tensor)): return o
@@ -314,7 +412,7 @@ def _to_plain(o, where='checkpoint'):
     if isinstance(o, (list, L)): return [_to_plain(v, f'{where}[{i}]') for i, v in enumerate(o)]
     raise TypeError(f"{where}: a {type(o).__name__} cannot be stored in a vidkit checkpoint")
 
-# %% ../nbs/08_learner.ipynb #c051
+# %% ../nbs/08_learner.ipynb #c059
 _RNG_TYPES = (random.Random, np.random.Generator, torch.Generator)
 
 def _gen_state(g):
@@ -376,7 +474,7 @@ def _set_rng_state(learn, st:dict):
             setattr(obj, attr, _restore_gen(getattr(obj, attr, None), saved.pop(key)))
     if saved: warnings.warn(f"resume: no place to restore the random generators {sorted(saved)} (the data pipeline changed?)")
 
-# %% ../nbs/08_learner.ipynb #c054
+# %% ../nbs/08_learner.ipynb #c062
 def _vocab(learn):
     v = getattr(learn.dls, 'vocab', None)
     if v is None: return None
@@ -435,7 +533,7 @@ def load_checkpoint(path, map_location='cpu') -> dict:
         raise ValueError(f"{path}: not a vidkit checkpoint (no 'model'/'epoch' entries; found {keys})")
     return ck
 
-# %% ../nbs/08_learner.ipynb #c056
+# %% ../nbs/08_learner.ipynb #c064
 class CheckpointCallback(TrackerCallback):
     "After each epoch, atomically save a full vidkit checkpoint to `fname` and, when `monitor` improves, to `best_fname`."
     order = TrackerCallback.order + 2
@@ -478,7 +576,7 @@ class CheckpointCallback(TrackerCallback):
             if last_path is None or not _link_replace(last_path, best):
                 atomic_save(ck if ck is not None else checkpoint_state(self.learn, with_opt=self.with_opt, epoch=done), best)
 
-# %% ../nbs/08_learner.ipynb #c059
+# %% ../nbs/08_learner.ipynb #c067
 class ResumeCallback(Callback):
     "Continue a fit from a vidkit checkpoint: skip its completed epochs (restoring their records), then restore its RNG state."
     order, remove_on_fetch = 45, True                      # before Recorder (50), trackers (60) and loggers
@@ -552,7 +650,7 @@ def resume(self:Learner, fname='last', missing_ok:bool=False, with_opt:bool=True
     self.add_cb(ResumeCallback(ck))
     return int(ck['epoch'])
 
-# %% ../nbs/08_learner.ipynb #c071
+# %% ../nbs/08_learner.ipynb #c079
 @dataclass
 class ViewResults:
     "Per-video results of multi-view testing: `scores` (N, classes) averaged over `num_views` views, `targets`, `metrics`."
@@ -615,7 +713,7 @@ def view_metrics(scores, targets, multi_label:bool=False) -> dict:
     s, t = scores[keep], targets[keep].long()
     return {'top1_acc': float(accuracy(s, t)), 'top5_acc': float(top5_accuracy(s, t)), 'mean_class_accuracy': mean_class_accuracy(s, t)}
 
-# %% ../nbs/08_learner.ipynb #c073
+# %% ../nbs/08_learner.ipynb #c081
 def _avg_views(logits:torch.Tensor, average:str, multi_label:bool) -> torch.Tensor:
     "(B, V, classes) view logits -> (B, classes): mean of probabilities ('prob') or of logits ('score')."
     if average == 'score': return logits.mean(1)
@@ -643,7 +741,7 @@ def _deinterleave(x, n:int):
     if nt % n: raise ValueError(f"{nt} frames cannot be dealt out to {n} views")
     return x.reshape(b, v, nt // n, n, *chw).transpose(2, 3).reshape(b, v * n, nt // n, *chw)
 
-# %% ../nbs/08_learner.ipynb #c074
+# %% ../nbs/08_learner.ipynb #c082
 def _need_cfg(data_cfg, key):
     if not data_cfg or data_cfg.get(key) is None:
         raise ValueError(f"evaluate_views: the learner's data_cfg has no {key!r}; build the DataLoaders with vidkit.data "
