@@ -65,7 +65,7 @@ def test_custom_pipeline(tmp_path):
 def test_new_modules(tmp_path):
     m = _run('05_new_modules', tmp_path/'out')
     assert (m['arch'], m['backbone'], m['loss'], m['opt'], m['param_groups'], m['schedule']) == \
-           ('tsn_tiny', 'tiny_cnn', 'focal', 'sgd_gc', 'layer_decay', 'warmup_cos')
+           ('tsn_tiny', 'tiny_cnn', 'my_focal', 'sgd_gc', 'layer_decay', 'warmup_cos')
     assert 1_000 < m['n_params'] < 200_000                                               # the tiny backbone, not a ResNet
     mults = m['lr_mults']
     assert m['n_groups'] == len(mults) == 4 and mults == sorted(mults) and mults[-1] == 1.0
@@ -78,10 +78,10 @@ def test_new_modules(tmp_path):
 
 
 def test_new_modules_chosen_by_name(tmp_path):
-    "The parameters pick other registered/named pieces: a torchvision backbone model, plain CE, Adam, fastai's groups, multi-step decay."
-    m = _run('05_new_modules', tmp_path/'out', arch='tsn_r18', loss='ce', opt='adam', param_groups='video',
-             schedule='multistep', lr=1e-3, n_per_class=2, repeat=4)
-    assert (m['arch'], m['backbone'], m['loss'], m['opt'], m['schedule']) == ('tsn_r18', 'resnet18', 'ce', 'adam', 'multistep')
+    "The parameters pick vidkit's own registered pieces: a torchvision backbone model, plain CE, Adam, its two groups, multi-step decay."
+    m = _run('05_new_modules', tmp_path/'out', arch='tsn_r18', loss='cross_entropy', opt='adam', param_groups='video',
+             schedule='step', lr=1e-3, n_per_class=2, repeat=4)
+    assert (m['arch'], m['backbone'], m['loss'], m['opt'], m['schedule']) == ('tsn_r18', 'resnet18', 'cross_entropy', 'adam', 'step')
     assert m['n_params'] > 10_000_000 and m['n_groups'] == 2 and m['lr_mults'] == [1.0, 1.0]
     assert m['n_iter'] == 4 and math.isclose(m['lr_first'], 1e-3) and math.isclose(m['lr_last'], 1e-5)   # two milestones
     assert _loss(m['train_loss']) and _loss(m['valid_loss'])

@@ -126,6 +126,7 @@ class with_multipliers:
     def __call__(self, params, **kwargs):
         params = list(params)
         groups = params if params and isinstance(params[0], (list, L)) else [params]
+        if not any(isinstance(g, ParamGroup) for g in groups): return self.opt_func(params, **kwargs)   # nothing to multiply
         metas = [g.hypers if isinstance(g, ParamGroup) else dict(lr_mult=1., wd_mult=1., stage=i) for i, g in enumerate(groups)]
         opt = self.opt_func(params, **kwargs)
         if type(opt) is Optimizer: opt.__class__ = MultOptimizer
@@ -306,7 +307,8 @@ def video_learner(dls, arch, pretrained=None, metrics=None, num_classes:int|None
     if metrics is None: metrics = _default_metrics(dls, multi_label)
     if splitter is None:
         splitter = fc_lr5_splitter if fc_lr5 else (video_splitter if hasattr(model, 'head') else trainable_params)
-    if fc_lr5 and not isinstance(opt_func, with_multipliers): opt_func = with_multipliers(opt_func)
+    # any parameter-group rule may give `ParamGroup`s with lr/wd multipliers: the optimizer applies them
+    if not isinstance(opt_func, with_multipliers): opt_func = with_multipliers(opt_func)
     learn = Learner(dls, model, loss_func=loss_func, opt_func=opt_func, lr=lr, splitter=splitter, cbs=cbs,
                     metrics=metrics, path=path, model_dir=model_dir, wd=wd, wd_bn_bias=wd_bn_bias, train_bn=train_bn, moms=moms)
     learn.arch, learn.model_kwargs, learn.num_classes = name, mkw, int(n)
