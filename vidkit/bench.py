@@ -145,8 +145,8 @@ def _bare_steps(model, batches, lr=1e-3) -> float:
         loss.backward(); opt.step(); opt.zero_grad()
     return (time.perf_counter() - t0) / len(batches)
 
-def _fastai_steps(model, batches, lr=1e-3) -> float:
-    "Seconds per step of fastai's `Learner.fit` on the same batches (no progress bar, no validation)."
+def _fastai_steps(model, batches, lr=1e-3, opt_func=None) -> float:
+    "Seconds per step of fastai's `Learner.fit` on the same batches (no progress bar); torch's Adam unless `opt_func`."
     from fastai.learner import Learner
     from fastai.data.core import DataLoaders
     from fastai.callback.core import Callback
@@ -155,9 +155,12 @@ def _fastai_steps(model, batches, lr=1e-3) -> float:
     class _Timer(Callback):
         def before_train(self): self.t0 = time.perf_counter()
         def after_train(self): self.dt = time.perf_counter() - self.t0
+    from functools import partial
+    from fastai.optimizer import OptimWrapper
     dls = DataLoaders(_Steps(batches), _Steps(batches[:1]))
     timer = _Timer()
-    learn = Learner(dls, model, loss_func=CrossEntropyLossFlat(), lr=lr, cbs=timer, metrics=[])
+    opt_func = opt_func or partial(OptimWrapper, opt=torch.optim.Adam)
+    learn = Learner(dls, model, loss_func=CrossEntropyLossFlat(), opt_func=opt_func, lr=lr, cbs=timer, metrics=[])
     with learn.no_bar(), learn.no_logging(): learn.fit(1, lr)
     return timer.dt / len(batches)
 
@@ -168,10 +171,14 @@ def bench_train(out_dir=None, arch:str='tsm_r18', bs:int=4, steps:int=8, size:in
     batches = [(torch.randn(bs, segments, 3, size, size), torch.randint(0, 8, (bs,))) for _ in range(steps)]
     model = create_video_model(arch, 8, num_segments=segments)
     _bare_steps(model, batches[:1])    # warm-up (allocator, kernels)
-    runs = _interleave({'fastai': lambda: _fastai_steps(model, batches), 'bare': lambda: _bare_steps(model, batches)}, repeats)
+    from fastai.optimizer import Adam
+    runs = _interleave({'fastai': lambda: _fastai_steps(model, batches), 'bare': lambda: _bare_steps(model, batches),
+                        'fastai_adam': lambda: _fastai_steps(model, batches, opt_func=Adam)}, repeats)
     med = {k: statistics.median(v) for k, v in runs.items()}
     res = dict(arch=arch, bs=bs, steps=steps, size=size, segments=segments, fastai_s_per_step=med['fastai'],
-               bare_s_per_step=med['bare'], overhead=med['fastai'] / med['bare'] - 1, runs=runs, target_overhead=0.10)
+               bare_s_per_step=med['bare'], overhead=med['fastai'] / med['bare'] - 1,
+               fastai_own_adam_s_per_step=med['fastai_adam'], fastai_own_adam_overhead=med['fastai_adam'] / med['bare'] - 1,
+               runs=runs, target_overhead=0.10)
     _write(res, out_dir, 'train.json')
     return res
 
