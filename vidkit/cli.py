@@ -97,6 +97,10 @@ def _train_args(p):
     p.add_argument('--fc-lr5', action='store_true', help="MMAction2's TSM parameter groups (5x/10x lr for the head)")
     p.add_argument('--work-dir', type=Path, default=None, help='output folder (default work_dirs/<arch>)')
     p.add_argument('--no-bar', action='store_true', help='no progress bars (the default when output is not a terminal)')
+    p.add_argument('--auto-scale-lr', action='store_true',
+                   help='scale the learning rate by (processes x --bs) / --base-batch-size (linear scaling rule, as MMAction2)')
+    p.add_argument('--base-batch-size', type=int, default=None,
+                   help='total batch size the learning rate is meant for, with --auto-scale-lr (default: --bs)')
 
 def _bar_ctx(learn, args):
     from contextlib import nullcontext
@@ -104,26 +108,51 @@ def _bar_ctx(learn, args):
 
 @command('train', 'train or finetune a recognizer (checkpoints every epoch; --resume continues an interrupted run)')
 def train(args):
+    from vidkit.distributed import setup_distributed, end_distributed
+    info = setup_distributed()                         # a no-op unless started by torchrun / accelerate launch
+    res = _train(args, info)
+    # after success only (a failed rank must exit, not wait for the others): wait for all, leave the group, exit now
+    if info.distributed: end_distributed(res)
+    return res
+
+def _train(args, info):
     from fastai.callback.progress import CSVLogger
     from vidkit.learner import video_learner, CheckpointCallback
+    from vidkit.distributed import main_process_first, scale_lr, gather_object
+    say = print if info.is_main else (lambda *a, **k: None)
     work = Path(args.work_dir or Path('work_dirs')/args.arch)
     if args.load_from is not None and not str(args.load_from).startswith(('http://', 'https://')) and not Path(args.load_from).exists():
         raise FileNotFoundError(f"{args.load_from}: --load-from checkpoint not found")
-    dls = make_dls(args, sampler=_sampler_for(args.arch, args.frames))
-    learn = video_learner(dls, args.arch, pretrained=args.load_from, fc_lr5=args.fc_lr5, path=work)
+    if args.base_batch_size is not None and not args.auto_scale_lr: raise ValueError("--base-batch-size is used with --auto-scale-lr")
+    with main_process_first():                         # rank 0 writes the dataset / downloads weights, then the others
+        dls = make_dls(args, sampler=_sampler_for(args.arch, args.frames))
+        learn = video_learner(dls, args.arch, pretrained=args.load_from, fc_lr5=args.fc_lr5, path=work)
     work.mkdir(parents=True, exist_ok=True)
-    cbs = [CheckpointCallback(), CSVLogger(fname='history.csv', append=args.resume)]
+    lr = args.lr or (1e-3 if args.load_from is None else 2e-3)
+    if args.auto_scale_lr:
+        base = args.base_batch_size or args.bs
+        lr, lr0 = scale_lr(lr, args.bs, info.world_size, base), lr
+        say(f'auto-scale-lr: {lr0:g} x ({info.world_size} processes x bs {args.bs}) / base batch {base} = {lr:g}')
+    # not append=True on --resume: the resumed fit replays the finished epochs' records, so the file is rewritten whole
+    cbs = [CheckpointCallback(), CSVLogger(fname='history.csv')]
     if args.resume:
         last = work/'models'/'last.pth'
         if not last.exists(): raise FileNotFoundError(f"{last}: nothing to resume (no checkpoint in --work-dir)")
-        print(f'resuming after epoch {learn.resume("last")} from {last}')
-    with _bar_ctx(learn, args):
-        if args.load_from is None: learn.fit_one_cycle(args.epochs, args.lr or 1e-3, cbs=cbs)
-        else: learn.fine_tune(args.epochs, args.lr or 2e-3, cbs=cbs)
+        done = learn.resume('last')                    # on every process
+        say(f'resuming after epoch {done} from {last}')
+    if info.distributed: say(f'training on {info.world_size} processes ({info.backend}, {info.device.split(":")[0]})')
+    with _bar_ctx(learn, args), learn.distrib_ctx_auto():
+        if args.load_from is None: learn.fit_one_cycle(args.epochs, lr, cbs=cbs)
+        else: learn.fine_tune(args.epochs, lr, cbs=cbs)
     names = [n for n in learn.recorder.metric_names[1:] if n != 'time']
     final = dict(zip(names, [float(v) for v in learn.recorder.log[1:len(names) + 1]]))
-    out = dict(arch=args.arch, epochs=args.epochs, metrics=final, checkpoint=str(work/'models'/'last.pth'),
+    ranks = gather_object(dict(rank=info.rank, local_rank=info.local_rank, node_rank=info.node_rank, host=info.host,
+                               pid=info.pid, **getattr(learn, 'distrib_stats', {}))) if info.distributed else None
+    if not info.is_main: return 0
+    out = dict(arch=args.arch, epochs=args.epochs, lr=lr, world_size=info.world_size, batch_size=args.bs,
+               total_batch_size=args.bs * info.world_size, metrics=final, checkpoint=str(work/'models'/'last.pth'),
                best=str(work/'models'/'best.pth'), history=str(work/'history.csv'))
+    if ranks is not None: out['distributed'] = dict(backend=info.backend, device=info.device.split(':')[0], ranks=ranks)
     (work/'metrics.json').write_text(json.dumps(out, indent=2))
     print(json.dumps(final))
     print(f'wrote {work/"models"/"last.pth"}, {work/"models"/"best.pth"}, {work/"history.csv"}, {work/"metrics.json"}')
@@ -253,7 +282,7 @@ def prepare(argv):
     from vidkit.prepare import prepare_main
     return prepare_main(argv, prog='vidkit prepare')
 
-@command('bench', 'run the benchmark suite (data, train, accuracy); same as python -m vidkit.bench', passthrough=True)
+@command('bench', 'run the benchmark suite (data, train); same as python -m vidkit.bench', passthrough=True)
 def bench(argv):
     from vidkit.bench import main as bench_main
     return bench_main(argv)
@@ -283,3 +312,7 @@ def main(argv=None) -> int:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f'vidkit {args.command}: error: {msg}', file=sys.stderr)
         return 1
+
+# %% ../nbs/14_cli.ipynb #c024
+import builtins
+if __name__ == '__main__' and not hasattr(builtins, 'get_ipython'): sys.exit(main())   # not when a notebook runs this cell
