@@ -110,7 +110,7 @@ def teardown_distributed():
         gc.collect()                                     # unreachable DDP wrappers hold the group: free them first
         dist.destroy_process_group()
 
-# %% ../nbs/15_distributed.ipynb #c011
+# %% ../nbs/15_distributed.ipynb #c012
 def end_distributed(code:int=0):
     "End a successful multi-process run: flush, wait for all processes, leave the group, `os._exit(code)` (no interpreter shutdown)."
     import logging, sys
