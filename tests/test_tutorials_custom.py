@@ -2,13 +2,9 @@
 import json, math
 from pathlib import Path
 
-import nbformat
-import pytest
-
 from vidkit.batch import run_notebook
 
 NBS = Path(__file__).resolve().parent.parent/'nbs'/'tutorials'
-TUTORIALS = ['03_new_dataset', '04_custom_pipeline', '05_new_modules']
 
 
 def _png(p):
@@ -21,21 +17,6 @@ def _run(name, out, **params):
     r = run_notebook(NBS/f'{name}.ipynb', out, parameters=params or None, timeout=300, require_metrics=True)
     assert r.output.is_file() and r.out_dir == Path(out)
     return r.metrics
-
-
-@pytest.mark.parametrize('name', TUTORIALS)
-def test_parameters_cell(name):
-    "One cell tagged `parameters`; every parameter is typed and documented (papermill --help-notebook), out_dir defaults under runs/."
-    import papermill as pm
-    nb = nbformat.read(NBS/f'{name}.ipynb', as_version=4)
-    tagged = [c for c in nb.cells if 'parameters' in c.get('metadata', {}).get('tags', [])]
-    assert len(tagged) == 1, f"{name}: {len(tagged)} cells tagged 'parameters' (nbdev_clean without allowed_cell_metadata_keys=tags strips it)"
-    params = pm.inspect_notebook(str(NBS/f'{name}.ipynb'))
-    assert params['out_dir']['default'].strip("'\"").startswith('runs/')
-    for p in params.values():
-        assert p['inferred_type_name'] not in ('None', '') and p['help'], f"{name}: parameter {p['name']} lacks a type or a comment"
-    assert nb.cells[0].cell_type == 'markdown' and nb.cells[0].source.startswith('# Tutorial')
-    assert all(not c.get('outputs') for c in nb.cells if c.cell_type == 'code'), f"{name}: stored with outputs"
 
 
 def test_new_dataset(tmp_path):
