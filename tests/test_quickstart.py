@@ -12,5 +12,8 @@ def test_quickstart_main_job(tmp_path):
     assert f'output notebook: {out / "01_quickstart.ipynb"}' in r.stdout and 'metrics:' in r.stdout and 'plots:' in r.stdout
     m = json.loads((out / 'metrics.json').read_text())
     assert all(0 <= m[k] <= 1 for k in ('accuracy', 'accuracy_temporal', 'accuracy_appearance')) and m['epochs'] >= 1
+    import papermill as pm
+    promised = float(pm.inspect_notebook(str(NB))['min_accuracy']['default'])
+    assert promised >= 0.3 and m['accuracy'] >= promised, m       # the notebook also fails itself below min_accuracy
     assert Path(m['checkpoint']).exists()
     for name in ('batch.png', 'training.png', 'confusion.png', 'per_class.png'): assert (out / name).exists(), name
