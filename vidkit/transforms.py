@@ -222,13 +222,23 @@ def _stack_views(crops:list, x) -> Tensor:
     "Crops of a clip `(T,...)` -> `(n,T,...)`; crops of views `(V,T,...)` -> crop-major `(n*V,T,...)`."
     return torch.stack(crops) if x.ndim == 4 else torch.cat(crops)
 
-class ThreeCrop(DisplayedTransform):
-    "Three crops along the long side (left, right, centre; MMAction2's order) as views `(3*V, T, C, h, w)`."
-    order = 3
+class _ViewCrops(DisplayedTransform):
+    "Fixed crops of every clip at `offsets(h, w)` (each followed by its horizontal flip when `flips`), stacked as views."
+    order, flips = 3, False
     def __init__(self, size:int|tuple):
         size = _pair(size)
         store_attr()
         super().__init__()
+
+    def encodes(self, x:TensorClip):
+        xt, crops = _t(x), []
+        for t, l in self.offsets(*x.shape[-2:]):
+            c = TF.crop(xt, t, l, *self.size)
+            crops += [c, TF.hflip(c)] if self.flips else [c]
+        return retain_type(_stack_views(crops, x), x)
+
+class ThreeCrop(_ViewCrops):
+    "Three crops along the long side (left, right, centre; MMAction2's order) as views `(3*V, T, C, h, w)`."
 
     def offsets(self, h:int, w:int) -> list[tuple[int, int]]:
         "The `(top, left)` of the three crops in `h x w` frames."
@@ -239,18 +249,9 @@ class ThreeCrop(DisplayedTransform):
         raise ValueError(f"ThreeCrop: the crop {ch}x{cw} must span the frames' height or width ({h}x{w}); "
                          f"resize the short side to the crop size first, e.g. `Resize({min(ch, cw)})`")
 
-    def encodes(self, x:TensorClip):
-        xt = _t(x)
-        crops = [TF.crop(xt, t, l, *self.size) for t, l in self.offsets(*x.shape[-2:])]
-        return retain_type(_stack_views(crops, x), x)
-
-class TenCrop(DisplayedTransform):
+class TenCrop(_ViewCrops):
     "Corner and centre crops, each followed by its horizontal flip (MMAction2's order), as views `(10*V, T, C, h, w)`."
-    order = 3
-    def __init__(self, size:int|tuple):
-        size = _pair(size)
-        store_attr()
-        super().__init__()
+    flips = True
 
     def offsets(self, h:int, w:int) -> list[tuple[int, int]]:
         "The `(top, left)` of the five crops (UL, UR, LL, LR, C) in `h x w` frames."
@@ -259,12 +260,6 @@ class TenCrop(DisplayedTransform):
         hs, ws = (h - ch) // 4, (w - cw) // 4
         return [(0, 0), (0, 4 * ws), (4 * hs, 0), (4 * hs, 4 * ws), (2 * hs, 2 * ws)]
 
-    def encodes(self, x:TensorClip):
-        xt, crops = _t(x), []
-        for t, l in self.offsets(*x.shape[-2:]):
-            c = TF.crop(xt, t, l, *self.size)
-            crops += [c, TF.hflip(c)]
-        return retain_type(_stack_views(crops, x), x)
 
 # %% ../nbs/05_transforms.ipynb #c037
 def _map_labels(y:Tensor, m:dict) -> Tensor:
