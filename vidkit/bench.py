@@ -4,7 +4,7 @@
 
 # %% ../nbs/13_bench.ipynb #c003
 from __future__ import annotations
-import argparse, json, os, statistics, subprocess, sys, tempfile, time
+import argparse, ast, inspect, json, os, statistics, subprocess, sys, tempfile, time
 from pathlib import Path
 import numpy as np
 import torch
@@ -255,19 +255,39 @@ def _print(res, indent=0):
         if isinstance(v, dict): print(' ' * indent + f'{k}:'); _print(v, indent + 2)
         else: print(' ' * indent + f'{k}: {v:.3f}' if isinstance(v, float) else ' ' * indent + f'{k}: {v}')
 
+def _settings(pairs, fns:dict) -> dict:
+    "`NAME=VALUE` strings -> keyword arguments for each suite in `fns` that takes NAME; VALUE is a Python literal or a string."
+    out = {k: {} for k in fns}
+    for s in pairs or []:
+        name, eq, text = s.partition('=')
+        if not eq or not name.isidentifier(): raise ValueError(f"--set {s!r}: expected NAME=VALUE, e.g. --set epochs=10")
+        try: value = ast.literal_eval(text)
+        except (ValueError, SyntaxError): value = text
+        takers = [k for k, fn in fns.items() if name in inspect.signature(fn).parameters]
+        if not takers:
+            known = sorted({n for fn in fns.values() for n in inspect.signature(fn).parameters} - {'out_dir'})
+            raise ValueError(f"--set {name}: no selected suite ({', '.join(fns)}) takes {name!r}; they take {', '.join(known)}")
+        for k in takers: out[k][name] = value
+    return out
+
 def main(argv=None) -> int:
-    "`python -m vidkit.bench {data,train,accuracy,all} [--out DIR] [--quick]`"
+    "`python -m vidkit.bench {data,train,accuracy,all} [--out DIR] [--quick] [--set NAME=VALUE ...]`"
     p = argparse.ArgumentParser(prog='python -m vidkit.bench', description=main.__doc__)
     p.add_argument('which', choices=['data', 'train', 'accuracy', 'all'])
     p.add_argument('--out', default='bench_results', help='folder for the JSON results')
     p.add_argument('--quick', action='store_true', help='fewer clips/steps/epochs: a smoke run, figures are noisy')
+    p.add_argument('--set', action='append', metavar='NAME=VALUE', dest='settings',
+                   help="change one argument of the suite, e.g. --set n_per_class=120 --set epochs=10 (repeatable)")
     a = p.parse_args(argv)
     todo = ['data', 'train', 'accuracy'] if a.which == 'all' else [a.which]
-    for name in todo:
+    fns = {name: globals()[f'bench_{name}'] for name in todo}
+    try: settings = _settings(a.settings, fns)
+    except ValueError as e: p.error(str(e))
+    for name, fn in fns.items():
         kw = dict(out_dir=a.out)
         if a.quick: kw.update({'data': dict(n_clips=48, repeats=1, leak_clips=200), 'train': dict(steps=3, repeats=1),
                     'accuracy': dict(n_per_class=8, epochs=2, finetune_epochs=2)}[name])
-        fn = globals()[f'bench_{name}']
+        kw.update(settings[name])
         print(f'== {name}'); _print(fn(**kw))
     return 0
 
