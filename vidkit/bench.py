@@ -257,16 +257,17 @@ def _print(res, indent=0):
 
 def _settings(pairs, fns:dict) -> dict:
     "`NAME=VALUE` strings -> keyword arguments for each suite in `fns` that takes NAME; VALUE is a Python literal or a string."
+    params = {k: set(inspect.signature(fn).parameters) - {'out_dir'} for k, fn in fns.items()}   # the folder is --out
     out = {k: {} for k in fns}
     for s in pairs or []:
         name, eq, text = s.partition('=')
         if not eq or not name.isidentifier(): raise ValueError(f"--set {s!r}: expected NAME=VALUE, e.g. --set epochs=10")
         try: value = ast.literal_eval(text)
         except (ValueError, SyntaxError): value = text
-        takers = [k for k, fn in fns.items() if name in inspect.signature(fn).parameters]
+        takers = [k for k in fns if name in params[k]]
         if not takers:
-            known = sorted({n for fn in fns.values() for n in inspect.signature(fn).parameters} - {'out_dir'})
-            raise ValueError(f"--set {name}: no selected suite ({', '.join(fns)}) takes {name!r}; they take {', '.join(known)}")
+            known = ', '.join(sorted(set().union(*params.values())))
+            raise ValueError(f"--set {name}: no selected suite ({', '.join(fns)}) takes {name!r}; they take {known}")
         for k in takers: out[k][name] = value
     return out
 
