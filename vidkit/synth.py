@@ -15,8 +15,9 @@ import numpy as np
 from .core import VideoDecodeError
 
 # %% auto #0
-__all__ = ['TEMPORAL_PAIRS', 'TEMPORAL_CLASSES', 'APPEARANCE_CLASSES', 'SYNTH_CLASSES', 'SYNTH_FLIP_LABEL_MAP', 'flip_label_map',
-           'render_synth_clip', 'SynthVideo', 'SynthDataset', 'make_synthetic_dataset']
+__all__ = ['TEMPORAL_PAIRS', 'TEMPORAL_CLASSES', 'APPEARANCE_CLASSES', 'SYNTH_CLASSES', 'TRANSFER_PAIRS', 'TRANSFER_CLASSES',
+           'SYNTH_FLIP_LABEL_MAP', 'flip_label_map', 'render_synth_clip', 'SynthVideo', 'SynthDataset',
+           'make_synthetic_dataset']
 
 # %% ../nbs/02_synth.ipynb #c006
 TEMPORAL_PAIRS = (('moving_left', 'moving_right'), ('moving_up', 'moving_down'),
@@ -24,7 +25,12 @@ TEMPORAL_PAIRS = (('moving_left', 'moving_right'), ('moving_up', 'moving_down'),
 TEMPORAL_CLASSES = tuple(c for pair in TEMPORAL_PAIRS for c in pair)
 APPEARANCE_CLASSES = ('circle', 'square', 'triangle', 'stripes')
 SYNTH_CLASSES = TEMPORAL_CLASSES + APPEARANCE_CLASSES
-_HFLIP_PAIRS = (('moving_left', 'moving_right'), ('rotating_cw', 'rotating_ccw'))
+TRANSFER_PAIRS = (('moving_up_left', 'moving_down_right'), ('moving_up_right', 'moving_down_left'),
+                  ('orbiting_cw', 'orbiting_ccw'))
+TRANSFER_CLASSES = tuple(c for pair in TRANSFER_PAIRS for c in pair)
+_ALL_CLASSES = SYNTH_CLASSES + TRANSFER_CLASSES
+_HFLIP_PAIRS = (('moving_left', 'moving_right'), ('rotating_cw', 'rotating_ccw'), ('moving_up_left', 'moving_up_right'),
+                ('moving_down_left', 'moving_down_right'), ('orbiting_cw', 'orbiting_ccw'))
 
 def flip_label_map(classes:Sequence[str]=SYNTH_CLASSES) -> dict[int, int]:
     "Label map for a horizontal flip of clips labelled with `classes`: left<->right and cw<->ccw (both of a pair present)."
@@ -39,7 +45,7 @@ def flip_label_map(classes:Sequence[str]=SYNTH_CLASSES) -> dict[int, int]:
 SYNTH_FLIP_LABEL_MAP = flip_label_map(SYNTH_CLASSES)
 
 # %% ../nbs/02_synth.ipynb #c010
-_NEGATIVE = ('moving_left', 'moving_up', 'rotating_ccw', 'shrinking')
+_NEGATIVE = ('moving_left', 'moving_up', 'rotating_ccw', 'shrinking', 'orbiting_ccw')
 
 def _reflect(x, a, b):
     "Bounce `x` back and forth between `a` and `b` (a triangle wave)."
@@ -71,7 +77,8 @@ def _colour(rng, base):
 
 def _clip_spec(cls:str, T:int, H:int, W:int, rng:np.random.Generator) -> SimpleNamespace:
     "Draw everything random about one clip of `cls`: background, colour, size, per-frame trajectory and noise."
-    if cls not in SYNTH_CLASSES: raise ValueError(f"unknown synthetic class {cls!r}; choose from {list(SYNTH_CLASSES)}")
+    if cls not in _ALL_CLASSES: raise ValueError(f"unknown synthetic class {cls!r}; choose from {list(_ALL_CLASSES)}")
+    if cls in TRANSFER_CLASSES: return _transfer_spec(cls, T, H, W, rng)
     bg, base = _background(rng, H, W)
     col = _colour(rng, base).astype(np.float32)
     sig_t = rng.uniform(0, 4)
@@ -105,12 +112,36 @@ def _clip_spec(cls:str, T:int, H:int, W:int, rng:np.random.Generator) -> SimpleN
         th = th0 + rng.uniform(-0.15, 0.15) * 2 * np.pi * step * t
     noise_bank = rng.standard_normal((2 * H, 2 * W), dtype=np.float32) * np.float32(sig_t)
     noise_offsets = rng.integers(0, [H, W], size=(T, 2))
-    return SimpleNamespace(cls=cls, T=T, H=H, W=W, bg=bg, colour=col, r=r, ext=ext, cx=cx, cy=cy, th=th, phi=phi,
-                           noise_bank=noise_bank, noise_offsets=noise_offsets)
+    return SimpleNamespace(cls=cls, shape=cls, T=T, H=H, W=W, bg=bg, colour=col, r=r, ext=ext, cx=cx, cy=cy, th=th,
+                           phi=phi, noise_bank=noise_bank, noise_offsets=noise_offsets)
+
+def _transfer_spec(cls, T, H, W, rng):
+    "Like `_clip_spec` for `TRANSFER_CLASSES`: a diamond or a star, diagonal motion or an orbit, other sizes and speeds."
+    bg, base = _background(rng, H, W)
+    col = _colour(rng, base).astype(np.float32)
+    sig_t, shape = rng.uniform(0, 4), ('diamond', 'star')[int(rng.integers(2))]
+    step, t, zero, m = 1 / max(T - 1, 1), np.arange(T, dtype=np.float64), np.zeros(T), min(H, W)
+    th = zero + rng.uniform(0, 2 * np.pi)
+    if cls.startswith('moving'):   # diagonal, wrapping round the frame like the horizontal and vertical classes
+        r = rng.uniform(0.12, 0.34) * m
+        ext, speed = 1.05 * r, rng.uniform(0.3, 1.3) * m * step
+        sx, sy = (1. if cls.endswith('right') else -1.), (-1. if '_up_' in cls else 1.)
+        cx, cy = rng.uniform(0, W) + sx * speed * t, rng.uniform(0, H) + sy * speed * t
+    else:                          # a circular path round a fixed centre, clockwise on screen for orbiting_cw
+        r = rng.uniform(0.08, 0.14) * m
+        ext, R = 1.05 * r, rng.uniform(0.12, 0.22) * m
+        ox, oy = rng.uniform(R + ext, W - R - ext), rng.uniform(R + ext, H - R - ext)
+        sgn = -1. if cls in _NEGATIVE else 1.
+        a = rng.uniform(0, 2 * np.pi) + sgn * 2 * np.pi * rng.uniform(0.4, 1.1) * step * t
+        cx, cy = ox + R * np.cos(a), oy + R * np.sin(a)
+    noise_bank = rng.standard_normal((2 * H, 2 * W), dtype=np.float32) * np.float32(sig_t)
+    noise_offsets = rng.integers(0, [H, W], size=(T, 2))
+    return SimpleNamespace(cls=cls, shape=shape, T=T, H=H, W=W, bg=bg, colour=col, r=r, ext=ext, cx=cx, cy=cy, th=th,
+                           phi=zero, noise_bank=noise_bank, noise_offsets=noise_offsets)
 
 # %% ../nbs/02_synth.ipynb #c012
 def _shape_sdf(cls, qx, qy, r, phi):
-    "Signed distance (pixels, < 0 inside) to the object of `cls`, in the object's own rotated coordinates."
+    "Signed distance (pixels, < 0 inside) to the object of class (or shape) `cls`, in the object's own rotated coordinates."
     if cls in ('moving_left', 'moving_right'):   # a cross
         ax, ay = np.abs(qx), np.abs(qy)
         return np.minimum(np.maximum(ax - r, ay - 0.32 * r), np.maximum(ax - 0.32 * r, ay - r))
@@ -132,6 +163,9 @@ def _shape_sdf(cls, qx, qy, r, phi):
         for a in (np.pi / 2 + 2 * np.pi / 3, np.pi / 2 + 4 * np.pi / 3):
             d = np.maximum(d, qx * np.cos(a) + qy * np.sin(a) - 0.55 * r)
         return d
+    if cls == 'diamond': return (np.abs(qx) + np.abs(qy)) / math.sqrt(2) - 0.75 * r
+    if cls == 'star':                            # five points; a distance along the ray, close enough for antialiasing
+        return np.hypot(qx, qy) - r * (0.62 + 0.38 * np.cos(5 * np.arctan2(qy, qx)))
     if cls == 'stripes':
         lam = 0.36 * r
         u = qx / lam
@@ -150,7 +184,7 @@ def _draw(spec, start:int=0, stop:int|None=None) -> np.ndarray:
     ly = (oy[:, None] + ar + 0.5 - cy[:, None]).astype(np.float32)[:, :, None]   # pixel centres relative to the object
     lx = (ox[:, None] + ar + 0.5 - cx[:, None]).astype(np.float32)[:, None, :]
     c, si = np.cos(th).astype(np.float32)[:, None, None], np.sin(th).astype(np.float32)[:, None, None]
-    d = _shape_sdf(spec.cls, c * lx + si * ly, -si * lx + c * ly, np.float32(spec.r), phi)
+    d = _shape_sdf(spec.shape, c * lx + si * ly, -si * lx + c * ly, np.float32(spec.r), phi)
     alpha = np.clip(0.5 - d, 0, 1)[..., None]                                   # antialiased coverage (n,P,P,1)
     offs = spec.noise_offsets[s]
     win = np.lib.stride_tricks.sliding_window_view(spec.noise_bank, (H, W))[offs[:, 0], offs[:, 1]]
@@ -236,7 +270,7 @@ def _atomic_write_text(path:Path, text:str):
     os.replace(tmp, path)
 
 # %% ../nbs/02_synth.ipynb #c026
-def _video_rng(seed, cls, i): return np.random.default_rng([int(seed), SYNTH_CLASSES.index(cls), int(i)])
+def _video_rng(seed, cls, i): return np.random.default_rng([int(seed), _ALL_CLASSES.index(cls), int(i)])
 
 def _make_one(job) -> int:
     "Write one video (and its rawframes); return its frame count. `job` is a dict (picklable for worker processes)."
@@ -329,11 +363,11 @@ def make_synthetic_dataset(root, n_per_class:int=20, size=(128, 160), num_frames
                            classes:Sequence[str]|None=None, valid_pct:float=0.25, rawframes:bool=True,
                            fps:int=25, gop_size:int=12, codec:str='libx264', crf:int=20, jpeg_quality:int=90,
                            n_workers:int|None=None) -> SynthDataset:
-    "Write the synthetic video dataset to `root` (videos, rawframes, MMAction2 lists, classes.txt); return what it wrote."
+    "Write the synthetic video dataset (`SYNTH_CLASSES`, or `classes` from them and `TRANSFER_CLASSES`) to `root` (videos, rawframes, MMAction2 lists, classes.txt); return what it wrote."
     root = Path(root)
     classes = list(SYNTH_CLASSES if classes is None else classes)
-    bad = [c for c in classes if c not in SYNTH_CLASSES]
-    if bad: raise ValueError(f"unknown synthetic classes {bad}; choose from {list(SYNTH_CLASSES)}")
+    bad = [c for c in classes if c not in _ALL_CLASSES]
+    if bad: raise ValueError(f"unknown synthetic classes {bad}; choose from {list(_ALL_CLASSES)}")
     if len(set(classes)) != len(classes) or not classes: raise ValueError(f"classes must be distinct and non-empty, got {classes}")
     if int(n_per_class) < 1: raise ValueError(f"n_per_class must be >= 1, got {n_per_class}")
     if not 0 <= valid_pct < 1: raise ValueError(f"valid_pct must be in [0, 1), got {valid_pct}")
