@@ -11,8 +11,8 @@ from pathlib import Path
 from .core import VideoDecodeError, AnnotationError
 
 # %% auto #0
-__all__ = ['LAYOUTS', 'command', 'synth', 'make_dls', 'train', 'test', 'predict', 'check', 'models', 'run', 'sweep', 'prepare',
-           'bench', 'build_parser', 'main']
+__all__ = ['LAYOUTS', 'command', 'synth', 'make_dls', 'train', 'test', 'predict', 'check', 'models', 'zoo', 'run', 'sweep',
+           'prepare', 'bench', 'build_parser', 'main']
 
 # %% ../nbs/14_cli.ipynb #c004
 _COMMANDS = {}
@@ -92,6 +92,9 @@ def _train_args(p):
     _data_args(p)
     p.add_argument('--epochs', type=int, default=5, help='training epochs')
     p.add_argument('--lr', type=float, default=None, help='learning rate (default: 1e-3, or 2e-3 base lr when finetuning)')
+    p.add_argument('--pretrained', default=None, metavar='WEIGHTS',
+                   help="finetune from these weights: a zoo name or tag ('tsm_r18.synth', 'kinetics400'; see `vidkit models "
+                        "--pretrained`), 'default' for the model's default weights, or a file or URL")
     p.add_argument('--load-from', type=Path, default=None, help='start from these weights (vidkit/torchvision/MMAction2 file or URL)')
     p.add_argument('--resume', action='store_true', help='continue the run in --work-dir from models/last.pth')
     p.add_argument('--fc-lr5', action='store_true', help="MMAction2's TSM parameter groups (5x/10x lr for the head)")
@@ -123,12 +126,14 @@ def _train(args, info):
     work = Path(args.work_dir or Path('work_dirs')/args.arch)
     if args.load_from is not None and not str(args.load_from).startswith(('http://', 'https://')) and not Path(args.load_from).exists():
         raise FileNotFoundError(f"{args.load_from}: --load-from checkpoint not found")
+    if args.load_from is not None and args.pretrained is not None: raise ValueError("give --pretrained or --load-from, not both")
+    pretrained = args.load_from if args.pretrained is None else True if args.pretrained == 'default' else args.pretrained
     if args.base_batch_size is not None and not args.auto_scale_lr: raise ValueError("--base-batch-size is used with --auto-scale-lr")
     with main_process_first():                         # rank 0 writes the dataset / downloads weights, then the others
         dls = make_dls(args, sampler=_sampler_for(args.arch, args.frames))
-        learn = video_learner(dls, args.arch, pretrained=args.load_from, fc_lr5=args.fc_lr5, path=work)
+        learn = video_learner(dls, args.arch, pretrained=pretrained, fc_lr5=args.fc_lr5, path=work)
     work.mkdir(parents=True, exist_ok=True)
-    lr = args.lr or (1e-3 if args.load_from is None else 2e-3)
+    lr = args.lr or (1e-3 if pretrained is None else 2e-3)
     if args.auto_scale_lr:
         base = args.base_batch_size or args.bs
         lr, lr0 = scale_lr(lr, args.bs, info.world_size, base), lr
@@ -142,7 +147,7 @@ def _train(args, info):
         say(f'resuming after epoch {done} from {last}')
     if info.distributed: say(f'training on {info.world_size} processes ({info.backend}, {info.device.split(":")[0]})')
     with _bar_ctx(learn, args), learn.distrib_ctx_auto():
-        if args.load_from is None: learn.fit_one_cycle(args.epochs, lr, cbs=cbs)
+        if pretrained is None: learn.fit_one_cycle(args.epochs, lr, cbs=cbs)
         else: learn.fine_tune(args.epochs, lr, cbs=cbs)
     names = [n for n in learn.recorder.metric_names[1:] if n != 'time']
     final = dict(zip(names, [float(v) for v in learn.recorder.log[1:len(names) + 1]]))
@@ -160,7 +165,7 @@ train.add_args = _train_args
 
 # %% ../nbs/14_cli.ipynb #c012
 def _test_args(p):
-    p.add_argument('checkpoint', type=Path, help='a vidkit checkpoint (.pth) or exported learner (.pkl)')
+    p.add_argument('checkpoint', help='a vidkit checkpoint (.pth), exported learner (.pkl) or zoo weights name')
     _data_args(p)
     p.add_argument('--num-clips', type=int, default=1, help='clips per video')
     p.add_argument('--num-crops', type=int, default=1, choices=(1, 3, 10), help='crops per clip')
@@ -174,7 +179,6 @@ def test(args):
     from vidkit.data import sampler_from_cfg
     from vidkit.inference import load_recognizer
     from vidkit.learner import evaluate_views
-    if not args.checkpoint.exists(): raise FileNotFoundError(f"{args.checkpoint}: checkpoint not found")
     rec = load_recognizer(args.checkpoint)
     cfg = rec.data_cfg or {}
     sampler = sampler_from_cfg(cfg['sampler']).with_test_mode(False) if cfg.get('sampler') else None
@@ -192,7 +196,7 @@ test.add_args = _test_args
 
 # %% ../nbs/14_cli.ipynb #c014
 def _predict_args(p):
-    p.add_argument('checkpoint', type=Path, help='a vidkit checkpoint (.pth) or exported learner (.pkl)')
+    p.add_argument('checkpoint', help="a vidkit checkpoint (.pth), exported learner (.pkl) or zoo weights ('tsm_r50.kinetics400')")
     p.add_argument('videos', nargs='+', help='video files, rawframe folders or http(s) URLs')
     p.add_argument('--topk', type=int, default=5, help='how many labels to print per video')
     p.add_argument('--json', action='store_true', help='print one JSON object per video')
@@ -200,7 +204,6 @@ def _predict_args(p):
 @command('predict', 'predict the top-k labels of videos, frame folders or URLs with a trained model')
 def predict(args):
     from vidkit.inference import load_recognizer
-    if not args.checkpoint.exists(): raise FileNotFoundError(f"{args.checkpoint}: checkpoint not found")
     rec = load_recognizer(args.checkpoint)
     for v in args.videos:
         top = rec.predict(v, topk=args.topk)
@@ -226,13 +229,36 @@ def check(args):
     if (report.status != 'ok').any(): raise ValueError(f"{(report.status != 'ok').sum()} of {len(report)} videos are not usable")
 check.add_args = _check_args
 
-def _models_args(p): p.add_argument('pattern', nargs='?', default=None, help="a glob such as 'tsm*'")
+def _models_args(p):
+    p.add_argument('pattern', nargs='?', default=None, help="a glob such as 'tsm*'")
+    p.add_argument('--pretrained', action='store_true', help='list the named pretrained weights (the zoo) as a table instead')
 
-@command('models', 'list the registered model names')
+@command('models', 'list the registered model names, or with --pretrained the named pretrained weights')
 def models(args):
     from vidkit.models import list_models
-    print('\n'.join(list_models(args.pattern)))
+    from vidkit.zoo import pretrained_table
+    if not args.pretrained: print('\n'.join(list_models(args.pattern))); return
+    df = pretrained_table(args.pattern)
+    print(df.drop(columns=['source']).to_string(index=False) if len(df) else f'no pretrained weights match {args.pattern!r}')
 models.add_args = _models_args
+
+def _zoo_args(p):
+    p.add_argument('action', choices=('build', 'download', 'path'), help='build or download weights into the cache, or print their cached path')
+    p.add_argument('names', nargs='+', help="zoo names, e.g. tsm_r18.synth")
+    p.add_argument('--cache-dir', type=Path, default=None, help='cache folder (default: the torch hub checkpoints folder)')
+    p.add_argument('--mirror', default=None, help='base URL serving the same file names (or set VIDKIT_WEIGHTS_MIRROR)')
+    p.add_argument('--force', action='store_true', help='build again even when cached')
+
+@command('zoo', 'build or download named pretrained weights into the cache (vidkit zoo build tsm_r18.synth)')
+def zoo(args):
+    from vidkit.zoo import get_pretrained, build_weights, download_weights, weights_path
+    for name in args.names:
+        e = get_pretrained(name)
+        if args.action == 'path': print(weights_path(e, args.cache_dir)); continue
+        if args.action == 'build': p = build_weights(e, args.cache_dir, progress=sys.stdout.isatty(), force=args.force)
+        else: p = download_weights(e, args.cache_dir, mirror=args.mirror, progress=sys.stdout.isatty())
+        print(f'{e.name}: {p}')
+zoo.add_args = _zoo_args
 
 # %% ../nbs/14_cli.ipynb #c018
 def _run_args(p):

@@ -19,6 +19,7 @@ from .datasets import VideoRecord, VideoDataset, RepeatDataset, read_clip
 from .sampling import SampleFrames
 from .transforms import Normalize, CenterCrop, ThreeCrop, TenCrop, MultiScaleCrop, RandomCrop
 from .data import build_test_pipeline, sampler_to_cfg
+from .zoo import resolve_pretrained
 from .learner import atomic_save, checkpoint_state, load_checkpoint, _to_plain, _vocab, _deinterleave, _avg_views, _score_views
 
 # %% auto #0
@@ -267,10 +268,21 @@ def _from_checkpoint(ck:dict, path:Path, device) -> Recognizer:
     if ml is None and cfg is not None: ml = cfg.get('multi_label')
     return Recognizer(model, ck.get('vocab'), cfg, ml, device, ck['arch'], ck.get('model_kwargs'))
 
+def _from_zoo(entry, device) -> Recognizer:
+    from vidkit.models import create_video_model
+    if entry.backbone_only or not entry.classes:
+        raise ValueError(f"{entry.name} holds {entry.dataset} backbone weights, not a video recognizer; finetune them: "
+                         f"video_learner(dls, {entry.model!r}, pretrained={entry.name!r})")
+    model = create_video_model(entry.model, len(entry.classes), pretrained=entry)
+    kwargs = {k: v for k, v in model.create_args.items() if k not in ('name', 'num_classes')}
+    return Recognizer(model, list(entry.classes), entry.data_cfg, False, device, entry.model, kwargs)
+
 def load_recognizer(path, device=None) -> Recognizer:
-    "A `Recognizer` from a vidkit checkpoint (`.pth`, read weights-only) or a learner exported with `learn.export()` (`.pkl`)."
-    path = Path(path)
+    "A `Recognizer` from zoo weights (`'tsm_r50.kinetics400'`), a vidkit checkpoint (`.pth`, read weights-only) or a learner exported with `learn.export()` (`.pkl`)."
     device = torch.device(device) if device is not None else _default_device()
+    entry = resolve_pretrained(str(path)) if isinstance(path, str) else None
+    if entry is not None: return _from_zoo(entry, device)
+    path = Path(path)
     if not path.exists(): raise FileNotFoundError(f"{path}: no such checkpoint or exported learner")
     if path.is_dir(): raise IsADirectoryError(f"{path}: is a folder; give the checkpoint (.pth) or exported learner (.pkl) file")
     if path.suffix == '.pkl':

@@ -28,14 +28,16 @@ from fastai.vision.data import get_grid
 from plum import dispatch
 import vidkit
 from .core import TensorClip
+from .transforms import Normalize
 
 # %% auto #0
 __all__ = ['top5_accuracy', 'mean_class_accuracy', 'MeanClassAccuracy', 'mean_average_precision', 'mAP', 'ParamGroup',
            'MultOptimizer', 'with_multipliers', 'fc_lr5_splitter', 'register_loss', 'register_optimizer',
            'register_param_groups', 'register_schedule', 'list_losses', 'list_optimizers', 'list_param_groups',
            'list_schedules', 'get_loss', 'get_optimizer', 'get_param_groups', 'get_schedule', 'video_learner',
-           'show_results', 'plot_top_losses', 'tensorboard_log', 'atomic_save', 'checkpoint_state', 'save_checkpoint',
-           'load_checkpoint', 'CheckpointCallback', 'ResumeCallback', 'ViewResults', 'view_metrics', 'evaluate_views']
+           'follow_pretrained_recipe', 'show_results', 'plot_top_losses', 'tensorboard_log', 'atomic_save',
+           'checkpoint_state', 'save_checkpoint', 'load_checkpoint', 'CheckpointCallback', 'ResumeCallback',
+           'ViewResults', 'view_metrics', 'evaluate_views']
 
 # %% ../nbs/08_learner.ipynb #c006
 def top5_accuracy(inp, targ, axis=-1):
@@ -312,6 +314,8 @@ def video_learner(dls, arch, pretrained=None, metrics=None, num_classes:int|None
     learn = Learner(dls, model, loss_func=loss_func, opt_func=opt_func, lr=lr, splitter=splitter, cbs=cbs,
                     metrics=metrics, path=path, model_dir=model_dir, wd=wd, wd_bn_bias=wd_bn_bias, train_bn=train_bn, moms=moms)
     learn.arch, learn.model_kwargs, learn.num_classes = name, mkw, int(n)
+    weights = getattr(get_model(model), 'pretrained_weights', None)
+    if weights is not None: follow_pretrained_recipe(dls, weights)
     if ifnone(freeze, pretrained is not None): learn.freeze()
     _set_amp(learn, amp)
     return learn
@@ -324,6 +328,40 @@ def _set_amp(learn, amp):
     elif amp is True or amp == 'fp16': learn.to_fp16()
     elif amp == 'bf16': learn.to_bf16()
     else: raise ValueError(f"video_learner: amp={amp!r}; use 'auto', True/'fp16', 'bf16' or False")
+
+# %% ../nbs/08_learner.ipynb #c811eb
+def _normalizers(dls) -> list:
+    "The `Normalize` transforms in the batch pipelines of `dls`' loaders."
+    out = []
+    for dl in getattr(dls, 'loaders', []) or []:
+        fs = getattr(getattr(dl, 'after_batch', None), 'fs', None) or []
+        out += [t for t in fs if isinstance(t, Normalize)]
+    return out
+
+def _clip_shape(cfg:dict) -> tuple:
+    s = cfg.get('sampler') or {}
+    return (int(s.get('clip_len', 1)), int(s.get('num_clips', 1)) if int(s.get('clip_len', 1)) == 1 else 1,
+            int(s.get('frame_interval', 1)), int(cfg.get('size') or 0))
+
+def follow_pretrained_recipe(dls, weights) -> list[str]:
+    "Give `dls` the normalisation of zoo `weights`; return (and warn) what differs from the weights' recipe."
+    said, want, cfg = [], weights.recipe, _data_cfg(dls) or {}
+    mean, std = tuple(want['mean']), tuple(want['std'])
+    norms = _normalizers(dls)
+    if any((tuple(t.mean), tuple(t.std)) != (mean, std) for t in norms):
+        old = norms[0]
+        said.append(f"normalising with {weights.name}'s mean {list(mean)} and std {list(std)} instead of the data's "
+                    f"{list(old.mean)} and {list(old.std)}")
+        for t in norms: t.mean, t.std, t._stats = mean, std, {}
+        if cfg: dls.data_cfg = {**cfg, 'mean': list(mean), 'std': list(std)}
+    if cfg and not weights.backbone_only:
+        (l0, n0, i0, s0), (l1, n1, i1, s1) = _clip_shape(want), _clip_shape(cfg)
+        if (l0, n0, i0, s0) != (l1, n1, i1, s1):
+            clip = lambda l, n, i, s: (f"{n} segments of 1 frame" if l == 1 else f"clips of {l} frames every {i}") + f" at {s} px"
+            said.append(f"{weights.name} was trained on {clip(l0, n0, i0, s0)}; this data gives {clip(l1, n1, i1, s1)} "
+                        "(fine for finetuning; pass a matching sampler and size to VideoDataLoaders for its own recipe)")
+    for s in said: warnings.warn(f"video_learner: {s}", stacklevel=3)
+    return said
 
 # %% ../nbs/08_learner.ipynb #c049
 def _label(o) -> str: return ';'.join(map(str, o)) if isinstance(o, (list, tuple, L)) else str(o)

@@ -14,6 +14,7 @@ import torchvision
 from torchvision.models import resnet as _tv_resnet
 from torchvision.models import video as _tv_video
 from fastai.torch_core import TensorBase
+from .zoo import resolve_pretrained, download_weights
 
 # %% auto #0
 __all__ = ['register_backbone', 'register_neck', 'register_head', 'register_model', 'list_models', 'list_backbones', 'list_necks',
@@ -574,8 +575,11 @@ def _fit(t, shape):
 
 # %% ../nbs/07_models.ipynb #c054
 def load_pretrained(model:nn.Module, src, skip_mismatch:bool=True, cache_dir=None, check_hash:bool=False) -> LoadReport:
-    "Load every tensor of checkpoint `src` (path, http(s) URL or state dict) whose name and shape fit `model`; return a `LoadReport`."
+    "Load every tensor of checkpoint `src` (zoo name, path, http(s) URL or state dict) whose name and shape fit `model`; return a `LoadReport`."
+    entry = resolve_pretrained(src, (getattr(model, 'default_cfg', None) or {}).get('model'))
+    if entry is not None: src = download_weights(entry, cache_dir)
     name, sd = _read_checkpoint(src, cache_dir, check_hash)
+    if entry is not None: name = f"{entry.name} ({name})"
     fmt = _detect_format(sd)
     image_ckpt = fmt == 'torchvision' and getattr(sd.get('conv1.weight'), 'ndim', 0) == 4
     target = model.state_dict()
@@ -603,13 +607,15 @@ def load_pretrained(model:nn.Module, src, skip_mismatch:bool=True, cache_dir=Non
 
 # %% ../nbs/07_models.ipynb #c063
 def create_video_model(name:str, num_classes:int, pretrained=None, **kw) -> nn.Module:
-    "Make registered model `name` for `num_classes`; `kw` override its configuration; `pretrained` (path, URL or state dict) goes to `load_pretrained`."
+    "Make registered model `name` for `num_classes`; `kw` override its configuration; `pretrained`: zoo weights (a name, a tag or True), a path, URL or state dict."
     fn, defaults = _MODELS.get(name)
-    args = {**defaults, **kw}
-    model = fn(num_classes=num_classes, **args)
+    entry = resolve_pretrained(pretrained, name)
+    kw = {**(entry.model_kwargs if entry is not None else {}), **kw}
+    model = fn(num_classes=num_classes, **{**defaults, **kw})
     if isinstance(getattr(model, 'default_cfg', None), dict): model.default_cfg['model'] = name
     model.create_args = dict(name=name, num_classes=num_classes, **kw)
-    model.pretrained_report = load_pretrained(model, pretrained) if pretrained is not None else None
+    model.pretrained_weights = entry          # the zoo entry, whose recipe the learner and `load_recognizer` follow
+    model.pretrained_report = load_pretrained(model, entry or pretrained) if pretrained not in (None, False) else None
     return model
 
 # %% ../nbs/07_models.ipynb #c083
