@@ -16,9 +16,11 @@ from .datasets import *
 from .sampling import *
 from .transforms import *
 from .data import *
+from .zoo import *
 from .models import *
 from .learner import *
 from .inference import *
+from .pretrain import *
 from .batch import *
 from .widgets import *
 
