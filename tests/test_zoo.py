@@ -183,3 +183,33 @@ def test_real_entries_are_complete():
             assert e.metrics['top1'] > 50, name
         m = create_video_model(e.model, len(e.classes), **e.model_kwargs)   # every entry's model can be built
         assert m.default_cfg['model'] == e.model
+
+
+def test_cli_predict_train_and_models_with_zoo_names(server, tmp_path, entries, capsys):
+    "`vidkit predict NAME video`, `vidkit train --pretrained NAME`, `vidkit zoo download/path`, `vidkit models --pretrained`."
+    from vidkit.cli import main
+    base, www = server
+    torch.manual_seed(2)
+    src = create_video_model('tsn_r18', 3, num_segments=2)
+    classes = ('circle', 'square', 'triangle')
+    fname = _publish(src.state_dict(), www, 'tsn_cli')
+    entries(PretrainedWeights('tsn_r18.clitest', ('tsn_r18',), f'{base}/{fname}', 'test', classes,
+                              clip_recipe(32, 37, segments=2), model_kwargs=dict(num_segments=2)))
+    torch.hub.set_dir(str(tmp_path / 'hub'))
+    data = make_synthetic_dataset(tmp_path / 'd', n_per_class=3, size=(48, 64), num_frames=(8, 10), classes=list(classes),
+                                  rawframes=False)
+    assert main(['zoo', 'download', 'tsn_r18.clitest']) == 0
+    assert main(['zoo', 'path', 'tsn_r18.clitest']) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == str(tmp_path / 'hub' / 'checkpoints' / fname)
+    assert main(['predict', 'tsn_r18.clitest', str(data.videos[0]), '--json', '--topk', '2']) == 0
+    import json
+    pred = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert len(pred['predictions']) == 2 and pred['predictions'][0][0] in classes
+    work = tmp_path / 'work'
+    assert main(['train', '--arch', 'tsn_r18', '--data', str(data.root), '--frames', '2', '--size', '32', '--bs', '4',
+                 '--epochs', '1', '--workers', '0', '--pretrained', 'clitest', '--work-dir', str(work), '--no-bar']) == 0
+    assert (work / 'models' / 'last.pth').exists()
+    assert main(['train', '--arch', 'tsn_r18', '--data', str(data.root), '--pretrained', 'kinetics400',
+                 '--work-dir', str(work), '--epochs', '1']) == 1
+    assert "no 'kinetics400' weights for 'tsn_r18'" in capsys.readouterr().err
+    assert main(['models', '--pretrained', '*.clitest']) == 0 and 'tsn_r18.clitest' in capsys.readouterr().out
