@@ -20,12 +20,13 @@ from .zoo import get_pretrained
 __all__ = ['synth_pretraining_dls', 'build_synth_weights']
 
 # %% ../nbs/09a_pretrain.ipynb #c006
-def synth_pretraining_dls(root, n_per_class:int, size:int, segments:int, bs:int, seed:int, classes=None, valid_pct:float=0.1,
-                          num_workers:int|None=None):
+def synth_pretraining_dls(root, n_per_class:int, size:int, segments:int, bs:int, seed:int, data_seed:int|None=None,
+                          video_size=(128, 160), classes=None, valid_pct:float=0.1, num_workers:int|None=None):
     "DataLoaders for (pre)training on `vidkit.synth` videos in `root` (written when missing) with the offline weights' recipe."
     root = Path(root)
     if not (root / 'classes.txt').exists():
-        make_synthetic_dataset(root, n_per_class=n_per_class, seed=seed, classes=classes, valid_pct=valid_pct, rawframes=False)
+        make_synthetic_dataset(root, n_per_class=n_per_class, seed=seed if data_seed is None else data_seed, classes=classes,
+                               size=tuple(video_size), valid_pct=valid_pct, rawframes=False)
     return VideoDataLoaders.from_synthetic(root, sampler=SampleFrames(1, num_clips=segments), size=size, bs=bs, seed=seed,
                                            item_tfms=[Resize(round(size * 8 / 7)), CenterCrop(size)], flip=False,
                                            num_workers=num_workers)
@@ -44,7 +45,8 @@ def build_synth_weights(entry, dst, progress:bool=True, root=None) -> Path:
           f"{_minutes(n_train, a['epochs']):.0f} minutes on 2 CPU cores; once: the weights are cached at {dst}.", flush=True)
     t0 = time.perf_counter()
     with (tempfile.TemporaryDirectory(prefix='vidkit_synth_weights_') if root is None else nullcontext(root)) as r:
-        dls = synth_pretraining_dls(r, a['n_per_class'], a['size'], a['segments'], a['bs'], a['seed'])
+        dls = synth_pretraining_dls(r, a['n_per_class'], a['size'], a['segments'], a['bs'], a['seed'], a.get('data_seed'),
+                                    a.get('video_size', (128, 160)))
         set_seed(a['seed'])
         learn = video_learner(dls, e.model, **e.model_kwargs)
         with (nullcontext() if progress else learn.no_bar()), learn.no_logging():

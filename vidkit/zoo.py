@@ -151,7 +151,7 @@ def _mmaction2_entries():
               '20220812-e213c223', 73.47, 91.27, '10 clips x 3 crops', clip_recipe(224, 256, clip_len=32, frame_interval=2))
 
 # %% ../nbs/06a_zoo.ipynb #c017
-SYNTH_WEIGHTS_ARGS = dict(n_per_class=60, epochs=12, lr=4e-3, size=32, segments=8, bs=24, seed=0)
+SYNTH_WEIGHTS_ARGS = dict(n_per_class=100, video_size=(64, 80), data_seed=100, epochs=20, lr=4e-3, size=32, segments=8, bs=24, seed=0)
 
 def _synth_entries():
     a = SYNTH_WEIGHTS_ARGS
