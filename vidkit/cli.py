@@ -12,7 +12,7 @@ from .core import VideoDecodeError, AnnotationError
 
 # %% auto #0
 __all__ = ['LAYOUTS', 'command', 'synth', 'make_dls', 'train', 'test', 'predict', 'check', 'models', 'zoo', 'run', 'sweep',
-           'prepare', 'bench', 'build_parser', 'main']
+           'prepare', 'bench', 'features', 'localize', 'build_parser', 'main']
 
 # %% ../nbs/14_cli.ipynb #c004
 _COMMANDS = {}
@@ -312,6 +312,75 @@ def prepare(argv):
 def bench(argv):
     from vidkit.bench import main as bench_main
     return bench_main(argv)
+
+# %% ../nbs/14_cli.ipynb #loc01
+def _features_args(p):
+    p.add_argument('checkpoint', help='a recognizer: vidkit checkpoint (.pth) or exported learner (.pkl)')
+    p.add_argument('videos', nargs='*', type=Path, help='video files, or folders of them')
+    p.add_argument('--out', type=Path, required=True, help='folder for the feature files (<video>.npy|.csv, raw/<video>.npy)')
+    p.add_argument('--annotations', type=Path, default=None, help='an ActivityNet-style JSON: extract its videos (with --video-dir)')
+    p.add_argument('--video-dir', type=Path, default=None, help='folder of the annotated videos (<video id><ext>)')
+    p.add_argument('--ext', default='.mp4', help='video file suffix for --annotations (default .mp4)')
+    p.add_argument('--interval', type=int, default=16, help='frames between snippets (default 16, MMAction2)')
+    p.add_argument('--clip-len', type=int, default=1, help='frames per snippet (default 1)')
+    p.add_argument('--output', choices=('features', 'scores', 'logits'), default='features', help='pooled features or class scores')
+    p.add_argument('--temporal-dim', type=int, default=100, help='rescale to this many positions (0: keep only the per-snippet raw/ files)')
+    p.add_argument('--fmt', choices=('npy', 'csv'), default='npy', help='file format of the rescaled features')
+    p.add_argument('--bs', type=int, default=64, help='snippets per forward pass')
+    p.add_argument('--workers', type=int, default=None, help='DataLoader workers decoding videos (default: up to 2)')
+    p.add_argument('--overwrite', action='store_true', help='redo videos whose files exist')
+
+def _video_files(paths):
+    from vidkit.datasets import VIDEO_EXTENSIONS
+    out = []
+    for p in paths:
+        if p.is_dir(): out += sorted(f for f in p.iterdir() if f.suffix.lower() in VIDEO_EXTENSIONS)
+        elif p.exists(): out.append(p)
+        else: raise FileNotFoundError(f"{p}: no such video or folder")
+    return out
+
+@command('features', 'extract snippet features of untrimmed videos with a recognizer, for temporal localization')
+def features(args):
+    from vidkit.localization import extract_features
+    from vidkit.datasets import read_activitynet_localization
+    videos = _video_files(args.videos)
+    if args.annotations is not None:
+        if args.video_dir is None: raise ValueError("--annotations needs --video-dir (the folder of the videos)")
+        recs, _ = read_activitynet_localization(args.annotations, data_root=args.video_dir, ext=args.ext)
+        videos += recs
+    if not videos: raise ValueError("no videos: give video files or folders, or --annotations with --video-dir")
+    res = extract_features(args.checkpoint, videos, args.out, interval=args.interval, clip_len=args.clip_len, output=args.output,
+                           temporal_dim=args.temporal_dim or None, fmt=args.fmt, bs=args.bs, num_workers=args.workers,
+                           overwrite=args.overwrite, progress=sys.stderr.isatty())
+    print(f'{len(res.written)} written, {len(res.skipped)} already there, {len(res.failed)} failed; feat_dim {res.feat_dim}; in {res.out_dir}')
+    for name, why in res.failed.items(): print(f'vidkit features: {name}: {why}', file=sys.stderr)
+    return 1 if res.failed else 0
+features.add_args = _features_args
+
+def _localize_args(p):
+    p.add_argument('checkpoint', type=Path, help='a localizer checkpoint (localization_learner + CheckpointCallback, or save_localizer)')
+    p.add_argument('annotations', type=Path, help='ActivityNet-style JSON with the ground truth of the videos to evaluate')
+    p.add_argument('--features', type=Path, required=True, help='folder of the feature files (<video>.npy or .csv)')
+    p.add_argument('--out', type=Path, default=None, help='write the proposals here (official ActivityNet results JSON)')
+    p.add_argument('--max-avg-proposals', type=int, default=100, help='AN range of the AR@AN curve (default 100)')
+    p.add_argument('--feature-interval', type=int, default=16, help="snippet interval for MMAction2's seconds conversion (0: use feature_frame)")
+    p.add_argument('--bs', type=int, default=8, help='videos per forward pass')
+    p.add_argument('--json', action='store_true', help='print the metrics as JSON')
+
+@command('localize', "evaluate a temporal localizer checkpoint on an annotation file: ActivityNet's AR@AN table")
+def localize(args):
+    from vidkit.localization import evaluate_localizer
+    res, props = evaluate_localizer(args.checkpoint, args.annotations, args.features, max_avg_proposals=args.max_avg_proposals,
+                                    results_file=args.out, bs=args.bs, feature_interval=args.feature_interval or None)
+    s = res.summary()
+    if args.json: print(json.dumps(s))
+    else:
+        keys = list(s)
+        print('  '.join(f'{k:>7}' for k in keys))
+        print('  '.join(f'{s[k] if k == "auc" else 100 * s[k]:7.2f}' for k in keys))
+        print(f'{len(props)} videos; AUC in percent of the AN range, AR@k in percent (mean over tIoU 0.5:0.05:0.95)')
+    if args.out: print(f'wrote {args.out}')
+localize.add_args = _localize_args
 
 # %% ../nbs/14_cli.ipynb #c022
 def build_parser() -> argparse.ArgumentParser:

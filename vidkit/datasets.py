@@ -17,9 +17,9 @@ from .core import VideoDecodeError, AnnotationError, TensorClip
 from .io import open_video
 
 # %% auto #0
-__all__ = ['VIDEO_EXTENSIONS', 'VideoRecord', 'read_video_list', 'read_rawframe_list', 'read_activitynet', 'read_hmdb51',
-           'read_ucf101', 'read_kinetics_csv', 'read_ssv2', 'read_folder', 'read_clip', 'VideoDataset', 'RepeatDataset',
-           'check_videos']
+__all__ = ['VIDEO_EXTENSIONS', 'VideoRecord', 'read_video_list', 'read_rawframe_list', 'read_activitynet', 'LocalizationRecord',
+           'read_activitynet_localization', 'read_hmdb51', 'read_ucf101', 'read_kinetics_csv', 'read_ssv2',
+           'read_folder', 'read_clip', 'VideoDataset', 'RepeatDataset', 'check_videos']
 
 # %% ../nbs/03_datasets.ipynb #c007
 @dataclass(slots=True)
@@ -178,6 +178,93 @@ def read_activitynet(path, data_root=None, classes=None, ext:str='.mp4', subset:
     for vid, lbl, s, e, nfr, fps in items:
         if lbl not in o2i: raise AnnotationError(path, None, f'{vid}: label {lbl!r} is not in the classes')
         recs.append(VideoRecord(join(vid + ext), o2i[lbl], nfr, 0, s, e, fps))
+    return recs, vocab
+
+# %% ../nbs/03_datasets.ipynb #l001
+@dataclass
+class LocalizationRecord:
+    "One untrimmed video of a localization annotation file, with all its ground-truth segments (seconds)."
+    name: str                          # the video id, as in the file (MMAction2 keeps the 'v_' prefix)
+    duration_second: float
+    duration_frame: int|None = None
+    feature_frame: int|None = None     # frames covered by the snippet features (MMAction2: duration_frame // 16 * 16)
+    fps: float|None = None
+    segments: np.ndarray|None = None   # (n, 2) float64 [start, end] in seconds
+    labels: list|None = None           # n class names
+    path: str|None = None              # the video file (data_root/name + ext) when a data_root was given
+
+    def __post_init__(self):
+        self.segments = np.zeros((0, 2)) if self.segments is None else np.asarray(self.segments, np.float64).reshape(-1, 2)
+        self.labels = [] if self.labels is None else list(self.labels)
+
+    @property
+    def feature_second(self) -> float:
+        "The seconds the features cover: `feature_frame / duration_frame * duration_second` (MMAction2's normaliser)."
+        if self.feature_frame is None or self.duration_frame is None: return float(self.duration_second)
+        return self.feature_frame / self.duration_frame * self.duration_second
+
+    def annotation(self) -> dict:
+        "This record in MMAction2's ActivityNet annotation format."
+        d = {'duration_second': self.duration_second, 'duration_frame': self.duration_frame, 'feature_frame': self.feature_frame}
+        if self.fps is not None: d['fps'] = self.fps
+        d['annotations'] = [{'segment': [float(s), float(e)], 'label': l} for (s, e), l in zip(self.segments, self.labels)]
+        return d
+
+# %% ../nbs/03_datasets.ipynb #l002
+def _pos_int(v, what, path, vid):
+    n = _num(v, what, path, vid)
+    if n != int(n): raise AnnotationError(path, None, f"{vid}: {what} {v!r} is not a whole number")
+    if n == 0: raise AnnotationError(path, None, f"{vid}: {what} is 0 (an empty video)")
+    return int(n)
+
+def read_activitynet_localization(path, data_root=None, ext:str='.mp4', subset:str|None=None,
+                                  classes=None) -> tuple[list[LocalizationRecord], list[str]]:
+    "One `LocalizationRecord` per video (all its segments) of an ActivityNet-style JSON; and the class names."
+    data = _load_json(path)
+    if not isinstance(data, dict) or not data: raise _no_entries(path)
+    if 'database' in data:
+        want = _SUBSETS.get(subset, subset)
+        data = {f'v_{k}': v for k, v in data['database'].items() if want is None or (isinstance(v, dict) and v.get('subset') == want)}
+    elif subset is not None: raise ValueError("`subset` only applies to the official ActivityNet file (with a 'database' key)")
+    join, recs, clipped = _join(data_root), [], []
+    for vid, info in data.items():
+        if not isinstance(info, dict): raise AnnotationError(path, None, f"{vid}: expected an object, got {type(info).__name__}")
+        dur = info.get('duration_second', info.get('duration'))
+        if dur is None: raise AnnotationError(path, None, f"{vid}: no duration_second (or duration)")
+        dur = float(_num(dur, 'duration_second', path, vid))
+        if dur == 0: raise AnnotationError(path, None, f"{vid}: duration_second is 0 (an empty video)")
+        nfr = info.get('duration_frame')
+        nfr = None if nfr is None else _pos_int(nfr, 'duration_frame', path, vid)
+        ffr = info.get('feature_frame')
+        ffr = nfr if ffr is None else _pos_int(ffr, 'feature_frame', path, vid)
+        if ffr is not None and nfr is None: raise AnnotationError(path, None, f"{vid}: feature_frame without duration_frame")
+        fps = info.get('fps')
+        anns = info.get('annotations') or []
+        if not isinstance(anns, list): raise AnnotationError(path, None, f"{vid}: annotations should be a list, got {type(anns).__name__}")
+        segs, labels = [], []
+        for j, a in enumerate(anns):
+            where = f'{vid}, annotation {j}'
+            if not isinstance(a, dict) or 'label' not in a: raise AnnotationError(path, None, f'{where}: missing label')
+            seg = a.get('segment')
+            if not isinstance(seg, (list, tuple)) or len(seg) != 2:
+                raise AnnotationError(path, None, f'{where}: segment should be [start, end] in seconds, got {seg!r}')
+            s, e = (float(_num(t, n, path, where)) for t, n in zip(seg, ('segment start', 'segment end')))
+            if e <= s: raise AnnotationError(path, None, f'{where}: segment [{s}, {e}] ends before it starts')
+            if s >= dur: raise AnnotationError(path, None, f'{where}: segment [{s}, {e}] starts after the video ends ({dur}s)')
+            if e > dur: clipped.append(vid); e = dur
+            segs.append((s, e)); labels.append(str(a['label']))
+        recs.append(LocalizationRecord(vid, dur, nfr, ffr, None if fps is None else float(fps), np.array(segs, np.float64).reshape(-1, 2),
+                                       labels, None if data_root is None else join(vid + ext)))
+    if not recs: raise _no_entries(path)
+    if clipped:
+        warnings.warn(f"{path}: {len(clipped)} segment(s) end after their video ends and were clipped to its duration "
+                      f"(first: {', '.join(dict.fromkeys(clipped[:5]))})")
+    vocab = _read_classes(classes)
+    names = sorted({l for r in recs for l in r.labels})
+    if vocab is None: vocab = names
+    else:
+        miss = [l for l in names if l not in vocab]
+        if miss: raise AnnotationError(path, None, f"labels {miss[:5]} are not in the classes")
     return recs, vocab
 
 # %% ../nbs/03_datasets.ipynb #c029

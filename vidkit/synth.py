@@ -17,7 +17,7 @@ from .core import VideoDecodeError
 # %% auto #0
 __all__ = ['TEMPORAL_PAIRS', 'TEMPORAL_CLASSES', 'APPEARANCE_CLASSES', 'SYNTH_CLASSES', 'TRANSFER_PAIRS', 'TRANSFER_CLASSES',
            'SYNTH_FLIP_LABEL_MAP', 'flip_label_map', 'render_synth_clip', 'SynthVideo', 'SynthDataset',
-           'make_synthetic_dataset']
+           'make_synthetic_dataset', 'UntrimmedVideo', 'UntrimmedDataset', 'make_untrimmed_dataset']
 
 # %% ../nbs/02_synth.ipynb #c006
 TEMPORAL_PAIRS = (('moving_left', 'moving_right'), ('moving_up', 'moving_down'),
@@ -409,3 +409,139 @@ def make_synthetic_dataset(root, n_per_class:int=20, size=(128, 160), num_frames
                         val_rawframes=root / 'val_rawframes.txt' if rawframes else None,
                         classes_file=root / 'classes.txt', classes=classes, items=items,
                         flip_label_map=flip_label_map(classes))
+
+# %% ../nbs/02_synth.ipynb #u001
+class UntrimmedVideo(NamedTuple):
+    "One recording of an untrimmed synthetic dataset; `segments` are `(start_frame, end_frame, class)`, end exclusive."
+    name: str                  # 'v_untrimmed_0000'
+    split: str                 # 'train' or 'val'
+    video: Path                # root/videos/<name>.mp4
+    num_frames: int
+    fps: int
+    segments: list
+
+    def annotation(self) -> dict:
+        "This recording in ActivityNet's annotation format (seconds)."
+        return {'duration_second': self.num_frames / self.fps, 'duration_frame': self.num_frames,
+                'feature_frame': self.num_frames, 'fps': self.fps,
+                'annotations': [{'segment': [a / self.fps, b / self.fps], 'label': c} for a, b, c in self.segments]}
+
+@dataclass
+class UntrimmedDataset:
+    "What `make_untrimmed_dataset` wrote: the annotation files, classes and recordings."
+    root: Path
+    videos_dir: Path                     # root/videos
+    train_json: Path                     # root/anet_anno_train.json
+    val_json: Path                       # root/anet_anno_val.json
+    classes_file: Path
+    classes: list[str]
+    items: list[UntrimmedVideo]
+
+    @property
+    def videos(self) -> list[Path]: return [it.video for it in self.items]
+    def split(self, name:str) -> list[UntrimmedVideo]: return [it for it in self.items if it.split == name]
+    def __repr__(self):
+        n = sum(len(it.segments) for it in self.items)
+        return (f"UntrimmedDataset({str(self.root)!r}: {len(self.split('train'))} train + {len(self.split('val'))} val "
+                f"recordings, {n} action segments of {len(self.classes)} classes)")
+
+# %% ../nbs/02_synth.ipynb #u003
+def _layout(rng, n_frames, n_segs, seg_len, min_gap):
+    "Non-overlapping `(start, end)` frame ranges (end exclusive) of up to `n_segs` segments in `n_frames`, `min_gap` apart."
+    lens = [int(rng.integers(seg_len[0], seg_len[1] + 1)) for _ in range(n_segs)]
+    while lens and sum(lens) + (len(lens) - 1) * min_gap > n_frames: lens.pop()
+    if not lens: return []
+    free = n_frames - sum(lens) - (len(lens) - 1) * min_gap
+    cuts = np.sort(rng.integers(0, free + 1, len(lens)))
+    out, pos, prev = [], 0, 0
+    for k, (L, c) in enumerate(zip(lens, cuts)):
+        pos += int(c - prev) + (min_gap if k else 0)
+        out.append((pos, pos + L)); pos += L; prev = c
+    return out
+
+def _draw_idle(bg, noise_bank, offsets) -> np.ndarray:
+    "Frames of the empty scene: the background plus the per-frame noise windows at `offsets`, uint8 (n,H,W,3)."
+    H, W = bg.shape[:2]
+    win = np.lib.stride_tricks.sliding_window_view(noise_bank, (H, W))[offsets[:, 0], offsets[:, 1]]
+    f = bg[None] + win[..., None] + 0.5
+    np.clip(f, 0, 255, out=f)
+    return f.astype(np.uint8)
+
+# %% ../nbs/02_synth.ipynb #u005
+def _untrimmed_rng(seed, i): return np.random.default_rng([int(seed), 7919, int(i)])
+
+def _make_untrimmed(job) -> tuple:
+    "Write one recording; return `(num_frames, segments)`. `job` is a picklable dict."
+    rng = _untrimmed_rng(job['seed'], job['i'])
+    H, W = job['size']
+    q = job['feature_interval']
+    n = int(rng.integers(job['num_frames'][0], job['num_frames'][1] + 1)) // q * q
+    lay = _layout(rng, n, int(rng.integers(job['segments'][0], job['segments'][1] + 1)), job['segment_frames'], job['min_gap'])
+    classes = job['classes']
+    segs = [(a, b, classes[int(rng.integers(len(classes)))]) for a, b in lay]
+    bg, base = _background(rng, H, W)
+    noise_bank = rng.standard_normal((2 * H, 2 * W), dtype=np.float32) * np.float32(rng.uniform(0, 4))
+    offsets = rng.integers(0, [H, W], size=(n, 2))
+    specs = []
+    for a, b, c in segs:              # a clip of class c over this recording's scene and noise
+        s = _clip_spec(c, b - a, H, W, rng)
+        s.bg, s.colour, s.noise_bank, s.noise_offsets = bg, _colour(rng, base).astype(np.float32), noise_bank, offsets[a:b]
+        specs.append((a, b, s))
+    video = Path(job['video']); video.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_name(video)
+    try:
+        out = _Mp4Writer(tmp, H, W, fps=job['fps'], gop_size=job['gop_size'], codec=job['codec'], crf=job['crf'])
+        chunk = max(1, (8 << 20) // (H * W * 12))
+        pos = 0
+        for a, b, s in specs + [(n, n, None)]:
+            for t in range(pos, a, chunk): out.write(_draw_idle(bg, noise_bank, offsets[t:min(t + chunk, a)]))
+            for t in range(0, b - a, chunk): out.write(_draw(s, t, min(t + chunk, b - a)))
+            pos = b
+        k = out.close()
+        if k != n: raise VideoDecodeError(video, f"encoded {n} frames but the file holds {k}")
+        os.replace(tmp, video)
+    finally:
+        if tmp.exists(): tmp.unlink()
+    return n, [(int(a), int(b), c) for a, b, c in segs]
+
+# %% ../nbs/02_synth.ipynb #u006
+def make_untrimmed_dataset(root, n_videos:int=40, size=(64, 80), num_frames=(320, 480), segments=(1, 3),
+                           segment_frames=(32, 128), min_gap:int=16, seed:int=0, classes:Sequence[str]|None=None,
+                           valid_pct:float=0.25, fps:int=25, feature_interval:int=16, gop_size:int=12, codec:str='libx264',
+                           crf:int=20, n_workers:int|None=None) -> UntrimmedDataset:
+    "Write untrimmed recordings with action segments of `classes` (default `SYNTH_CLASSES`) and ActivityNet-format ground truth to `root`."
+    import json
+    root = Path(root)
+    classes = list(SYNTH_CLASSES if classes is None else classes)
+    bad = [c for c in classes if c not in _ALL_CLASSES]
+    if bad: raise ValueError(f"unknown synthetic classes {bad}; choose from {list(_ALL_CLASSES)}")
+    if len(set(classes)) != len(classes) or not classes: raise ValueError(f"classes must be distinct and non-empty, got {classes}")
+    if int(n_videos) < 1: raise ValueError(f"n_videos must be >= 1, got {n_videos}")
+    if not 0 <= valid_pct < 1: raise ValueError(f"valid_pct must be in [0, 1), got {valid_pct}")
+    if int(feature_interval) < 1 or int(min_gap) < 0: raise ValueError("feature_interval must be >= 1 and min_gap >= 0")
+    H, W = _check_size(size)
+    lo, hi = _frame_range(num_frames)
+    if lo < feature_interval: raise ValueError(f"num_frames must be at least feature_interval={feature_interval}, got {num_frames!r}")
+    s_lo, s_hi = (segments, segments) if isinstance(segments, (int, np.integer)) else tuple(segments)
+    if not 0 <= s_lo <= s_hi: raise ValueError(f"segments must be an int >= 0 or a range (lo, hi) with 0 <= lo <= hi, got {segments!r}")
+    f_lo, f_hi = _frame_range(segment_frames)
+    codec = _encoder(codec)
+    n, n_val = int(n_videos), _n_valid(int(n_videos), valid_pct)
+    jobs = [dict(seed=seed, i=i, size=(H, W), num_frames=(lo, hi), segments=(s_lo, s_hi), segment_frames=(f_lo, f_hi),
+                 min_gap=int(min_gap), classes=classes, fps=fps, feature_interval=int(feature_interval), gop_size=gop_size,
+                 codec=codec, crf=crf, video=str(root / 'videos' / f'v_untrimmed_{i:04d}.mp4')) for i in range(n)]
+    root.mkdir(parents=True, exist_ok=True)
+    if n_workers is None: n_workers = min(2, os.cpu_count() or 1) if n >= 4 else 0
+    if n_workers > 1 and _make_untrimmed.__module__.startswith('vidkit'):
+        ctx = mp.get_context('fork' if 'fork' in mp.get_all_start_methods() else 'spawn')
+        with ProcessPoolExecutor(n_workers, mp_context=ctx, initializer=_init_worker) as ex:
+            res = list(ex.map(_make_untrimmed, jobs))
+    else: res = [_make_untrimmed(j) for j in jobs]
+    items = [UntrimmedVideo(f'v_untrimmed_{i:04d}', 'val' if i >= n - n_val else 'train', Path(j['video']), T, fps, segs)
+             for i, (j, (T, segs)) in enumerate(zip(jobs, res))]
+    files = {}
+    for sp in ('train', 'val'):
+        files[sp] = root / f'anet_anno_{sp}.json'
+        _atomic_write_text(files[sp], json.dumps({it.name: it.annotation() for it in items if it.split == sp}, indent=1))
+    _atomic_write_text(root / 'classes.txt', ''.join(f'{c}\n' for c in classes))
+    return UntrimmedDataset(root, root / 'videos', files['train'], files['val'], root / 'classes.txt', classes, items)
