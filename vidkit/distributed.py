@@ -4,7 +4,7 @@
 
 # %% ../nbs/15_distributed.ipynb #c004
 from __future__ import annotations
-import datetime, gc, os, pickle, random, socket, tempfile, warnings
+import datetime, gc, os, pickle, random, re, socket, tempfile, warnings, zlib
 from contextlib import contextmanager
 from dataclasses import dataclass, asdict
 import numpy as np
@@ -18,9 +18,131 @@ from fastai.callback.progress import ProgressCallback
 from fastai.distributed import DistributedDL, DistributedTrainer
 
 # %% auto #0
-__all__ = ['RANK0_ONLY_CALLBACKS', 'use_cpu', 'DistInfo', 'distrib_info', 'setup_distributed', 'teardown_distributed',
-           'end_distributed', 'main_process_first', 'gather_object', 'scale_lr', 'VideoDistributedDL',
-           'GatheredAvgMetric', 'GatheredAvgLoss', 'VideoDistributedTrainer', 'notebook_launch']
+__all__ = ['RANK0_ONLY_CALLBACKS', 'expand_hostlist', 'slurm_master_port', 'detect_launcher', 'launcher_env', 'use_cpu',
+           'DistInfo', 'distrib_info', 'setup_distributed', 'teardown_distributed', 'end_distributed',
+           'main_process_first', 'gather_object', 'scale_lr', 'VideoDistributedDL', 'GatheredAvgMetric',
+           'GatheredAvgLoss', 'VideoDistributedTrainer', 'notebook_launch']
+
+# %% ../nbs/15_distributed.ipynb #c004b
+def _split_top(s:str, sep:str=',') -> list:
+    "`s` split at the `sep` that are not inside brackets."
+    parts, depth, cur = [], 0, ''
+    for ch in s:
+        if ch == '[': depth += 1
+        elif ch == ']':
+            depth -= 1
+            if depth < 0: raise ValueError(f"host list {s!r}: ']' without '['")
+        if ch == sep and depth == 0: parts.append(cur); cur = ''
+        else: cur += ch
+    if depth: raise ValueError(f"host list {s!r}: '[' without ']'")
+    return parts + [cur]
+
+def _expand_range(spec:str, hostlist:str) -> list:
+    "The numbers of one bracket, `01-03,7` -> `['01', '02', '03', '7']` (the width of each range's first number kept)."
+    out = []
+    for item in (x.strip() for x in spec.split(',')):
+        lo, dash, hi = item.partition('-')
+        if not lo.isdigit() or (dash and not hi.isdigit()):
+            raise ValueError(f"host list {hostlist!r}: bad range {item!r} in [{spec}]")
+        if not dash: out.append(lo); continue
+        if int(hi) < int(lo): raise ValueError(f"host list {hostlist!r}: range {item!r} goes down")
+        out += [str(i).zfill(len(lo)) for i in range(int(lo), int(hi) + 1)]
+    return out
+
+def expand_hostlist(hostlist:str) -> list:
+    "The host names of a Slurm host list: `'node[01-03],gpu7'` -> `['node01', 'node02', 'node03', 'gpu7']`."
+    hosts = []
+    for name in _split_top(hostlist or ''):
+        name = name.strip()
+        if not name: continue
+        names = ['']
+        for piece in re.split(r'(\[[^\]]*\])', name):          # literal text and [ranges], in order
+            if piece.startswith('['): names = [n + x for n in names for x in _expand_range(piece[1:-1], hostlist)]
+            elif piece: names = [n + piece for n in names]
+        hosts += names
+    return hosts
+
+# %% ../nbs/15_distributed.ipynb #c004e
+def _port_from(key) -> int:
+    "A port in 15000-30999 derived from `key`: a number (a job id) or any string."
+    s = str(key).strip()
+    n = int(s) if s.isdigit() else zlib.crc32(s.encode())
+    return 15000 + n % 16000
+
+def slurm_master_port(job_id, step_id=0) -> int:
+    "The `MASTER_PORT` all tasks of Slurm job `job_id`, step `step_id`, agree on: 15000 + (job + 7919 x step) mod 16000."
+    step = int(step_id) if str(step_id).strip().isdigit() else 0     # srun steps are numbered; 'batch' / 'extern' are 0
+    s = str(job_id).strip()
+    return _port_from(int(s) + 7919 * step if s.isdigit() else f'{s}.{step}')
+
+def _expand_tasks_per_node(spec:str) -> list:
+    "Slurm's tasks per node, `'4(x2),2'` -> `[4, 4, 2]`."
+    out = []
+    for item in filter(None, (x.strip() for x in spec.split(','))):
+        m = re.fullmatch(r'(\d+)(?:\(x(\d+)\))?', item)
+        if m is None: raise ValueError(f"tasks per node {spec!r}: cannot read {item!r}")
+        out += [int(m.group(1))] * int(m.group(2) or 1)
+    return out
+
+# %% ../nbs/15_distributed.ipynb #c004h
+_TORCH_VARS = ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'LOCAL_WORLD_SIZE', 'NODE_RANK', 'MASTER_ADDR', 'MASTER_PORT')
+_MPI_VARS = (   # rank, size, local rank, local size, node rank, job id
+    ('OMPI_COMM_WORLD_RANK', 'OMPI_COMM_WORLD_SIZE', 'OMPI_COMM_WORLD_LOCAL_RANK', 'OMPI_COMM_WORLD_LOCAL_SIZE',
+     'OMPI_COMM_WORLD_NODE_RANK', ('OMPI_MCA_ess_base_jobid', 'OMPI_MCA_orte_ess_jobid', 'PMIX_NAMESPACE')),
+    ('MV2_COMM_WORLD_RANK', 'MV2_COMM_WORLD_SIZE', 'MV2_COMM_WORLD_LOCAL_RANK', 'MV2_COMM_WORLD_LOCAL_SIZE', None, ()),
+    ('PMI_RANK', 'PMI_SIZE', 'MPI_LOCALRANKID', 'MPI_LOCALNRANKS', None, ()))
+
+def _get(env, *names):
+    for n in names:
+        if n and env.get(n, '') != '': return env[n]
+    return None
+
+def _in_slurm_step(env) -> bool:
+    return _get(env, 'SLURM_PROCID') is not None and _get(env, 'SLURM_STEP_ID', 'SLURM_STEPID', 'SLURM_STEP_NUM_TASKS') is not None
+
+def _mpi_names(env):
+    "The names of the MPI variables this process has (a row of `_MPI_VARS`), or None."
+    return next((v for v in _MPI_VARS if _get(env, v[0]) is not None and _get(env, v[1]) is not None), None)
+
+def _slurm_world(env) -> int: return int(_get(env, 'SLURM_STEP_NUM_TASKS', 'SLURM_NTASKS', 'SLURM_NPROCS') or 1)
+
+def detect_launcher(environ=None) -> str|None:
+    "Which launcher started this process: `'torchrun'` (also accelerate), `'slurm'` (a task of an `srun` step), `'mpi'`, or None."
+    env = os.environ if environ is None else environ
+    if _get(env, 'RANK') is not None and _get(env, 'WORLD_SIZE') is not None: return 'torchrun'
+    mpi, step = _mpi_names(env), _in_slurm_step(env)
+    if mpi and step and (env[mpi[0]], int(env[mpi[1]])) == (env['SLURM_PROCID'], _slurm_world(env)):
+        return 'slurm'                  # srun --mpi=pmi2/pmix: the same ranks, and Slurm knows the nodes
+    return 'mpi' if mpi else 'slurm' if step else None
+
+def launcher_env(environ=None) -> dict:
+    "The torch variables (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`, ..., `MASTER_ADDR`, `MASTER_PORT`) of a Slurm or MPI task; `{}` for others."
+    env = os.environ if environ is None else environ
+    launcher, out = detect_launcher(env), {}
+    if launcher == 'slurm':
+        world = _slurm_world(env)
+        hosts = expand_hostlist(_get(env, 'SLURM_STEP_NODELIST', 'SLURM_NODELIST', 'SLURM_JOB_NODELIST') or '')
+        nnodes = int(_get(env, 'SLURM_STEP_NUM_NODES', 'SLURM_NNODES') or len(hosts) or 1)
+        node = int(_get(env, 'SLURM_NODEID') or 0)
+        per_node = _expand_tasks_per_node(_get(env, 'SLURM_STEP_TASKS_PER_NODE', 'SLURM_TASKS_PER_NODE') or '')
+        local_world = per_node[node] if node < len(per_node) else world if nnodes == 1 else None
+        out = dict(RANK=env['SLURM_PROCID'], WORLD_SIZE=str(world), LOCAL_RANK=_get(env, 'SLURM_LOCALID') or '0',
+                   NODE_RANK=str(node))
+        if local_world is not None: out['LOCAL_WORLD_SIZE'] = str(local_world)
+        if hosts: out['MASTER_ADDR'] = hosts[0]
+        job = _get(env, 'SLURM_JOB_ID', 'SLURM_JOBID')
+        out['MASTER_PORT'] = str(slurm_master_port(job, _get(env, 'SLURM_STEP_ID', 'SLURM_STEPID') or 0) if job else 29500)
+    elif launcher == 'mpi':
+        r, s, lr, ls, nr, jobs = _mpi_names(env)
+        out = dict(RANK=env[r], WORLD_SIZE=env[s], LOCAL_RANK=_get(env, lr) or '0')
+        if _get(env, ls) is not None: out['LOCAL_WORLD_SIZE'] = env[ls]
+        if _get(env, nr) is not None: out['NODE_RANK'] = env[nr]
+        if out.get('LOCAL_WORLD_SIZE') == out['WORLD_SIZE']: out['MASTER_ADDR'] = '127.0.0.1'   # all ranks here
+        job = _get(env, *jobs)
+        out['MASTER_PORT'] = str(_port_from(job) if job else 29500)
+    for k in ('MASTER_ADDR', 'MASTER_PORT'):                                # given ones win
+        if launcher in ('slurm', 'mpi') and _get(env, k) is not None: out[k] = env[k]
+    return out
 
 # %% ../nbs/15_distributed.ipynb #c006
 def _env_flag(name:str) -> bool:
@@ -50,23 +172,34 @@ class DistInfo:
     def is_main(self) -> bool: return self.rank == 0
     def as_dict(self) -> dict: return asdict(self)
 
-def _int_env(*names, default=None):
+def _int_env(*names, default=None, env=None):
+    env = os.environ if env is None else env
     for n in names:
-        v = os.environ.get(n)
+        v = env.get(n)
         if v not in (None, ''): return int(v)
     return default
 
+def _launch_environ() -> dict:
+    "`os.environ` completed with the torch variables a Slurm or MPI launch implies (the ones set win)."
+    return {**launcher_env(), **os.environ}
+
+def _cuda_index(local_rank:int) -> int:
+    "The GPU of this local rank: itself, or modulo the visible GPUs (as accelerate does; one visible GPU: that one)."
+    n = torch.cuda.device_count()
+    return local_rank % n if n else local_rank
+
 def distrib_info() -> DistInfo:
     "This process's rank, node, world size, backend and device (from the process group, else the launcher's variables)."
+    env = _launch_environ()
     if dist.is_available() and dist.is_initialized():
         rank, world, backend = dist.get_rank(), dist.get_world_size(), str(dist.get_backend())
-    else: rank, world, backend = _int_env('RANK', default=0), _int_env('WORLD_SIZE', default=1), None
-    local = _int_env('LOCAL_RANK', default=rank if world == _int_env('LOCAL_WORLD_SIZE', default=world) else 0)
-    local_world = _int_env('LOCAL_WORLD_SIZE', default=world)
-    node = _int_env('GROUP_RANK', 'NODE_RANK', default=rank // max(local_world, 1))
+    else: rank, world, backend = _int_env('RANK', default=0, env=env), _int_env('WORLD_SIZE', default=1, env=env), None
+    local = _int_env('LOCAL_RANK', default=rank if world == _int_env('LOCAL_WORLD_SIZE', default=world, env=env) else 0, env=env)
+    local_world = _int_env('LOCAL_WORLD_SIZE', default=world, env=env)
+    node = _int_env('GROUP_RANK', 'NODE_RANK', default=rank // max(local_world, 1), env=env)
     if backend is not None: on_cpu = 'nccl' not in backend
     else: on_cpu = use_cpu() if world > 1 else (not torch.cuda.is_available() or defaults.use_cuda is False)
-    device = 'cpu' if on_cpu else f'cuda:{torch.cuda.current_device() if backend else local}'
+    device = 'cpu' if on_cpu else f'cuda:{torch.cuda.current_device() if backend else _cuda_index(local)}'
     return DistInfo(rank, local, world, local_world, node, backend, device, socket.gethostname(), os.getpid())
 
 # %% ../nbs/15_distributed.ipynb #c009
@@ -79,28 +212,51 @@ def _reset_stale_accelerate_state(force:bool=False):
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
 
+_warned_no_srun = False
+
+def _warn_if_slurm_without_srun():
+    "Warn (once) when a Slurm job has several tasks, but this process was not started by `srun`: it trains alone."
+    global _warned_no_srun
+    n = _int_env('SLURM_NTASKS', 'SLURM_NPROCS', default=1)
+    if n > 1 and detect_launcher() is None and not _warned_no_srun:
+        _warned_no_srun = True
+        warnings.warn(f"SLURM_NTASKS={n}, but this process is not a task of an srun step (no SLURM_STEP_ID): training in "
+                      f"this one process. Start it with `srun` to train on {n} processes (one task per GPU)")
+
+def _missing_message(world:int, missing:list, launcher:str|None) -> str:
+    if launcher == 'mpi' and missing == ['MASTER_ADDR']:
+        return (f"an MPI launch of {world} processes on several machines: set MASTER_ADDR to the host of rank 0 "
+                "(mpirun -x MASTER_ADDR=<host> ...)")
+    if launcher == 'slurm' and missing == ['MASTER_ADDR']:
+        return f"a Slurm step of {world} tasks without SLURM_NODELIST: set MASTER_ADDR to the host of rank 0"
+    return (f"WORLD_SIZE={world} but {', '.join(missing)} is not set: start the processes with torchrun, "
+            "`accelerate launch`, srun, mpirun or vidkit.distributed.notebook_launch")
+
 def setup_distributed(cpu:bool|None=None, timeout:float|None=None) -> DistInfo:
-    "Join the processes of a multi-process launch (NCCL on GPUs, gloo on the CPU); a no-op in a single process."
+    "Join the processes of a multi-process launch (torchrun, accelerate, Slurm's srun, mpirun; NCCL on GPUs, gloo on the CPU); a no-op in a single process."
     if dist.is_available() and dist.is_initialized():           # made by a launcher (debug_launcher) or an earlier call
         rank, world = dist.get_rank(), dist.get_world_size()
         os.environ['RANK'], os.environ['WORLD_SIZE'] = str(rank), str(world)
         if 'LOCAL_RANK' not in os.environ: os.environ['LOCAL_RANK'] = str(rank)
         on_cpu = 'nccl' not in str(dist.get_backend())
     else:
-        world = _int_env('WORLD_SIZE', default=1)
-        if world <= 1: return distrib_info()
-        missing = [k for k in ('RANK', 'MASTER_ADDR', 'MASTER_PORT') if k not in os.environ]
-        if missing:
-            raise RuntimeError(f"WORLD_SIZE={world} but {', '.join(missing)} is not set: start the processes with torchrun, "
-                               "`accelerate launch` or vidkit.distributed.notebook_launch")
+        launcher, derived = detect_launcher(), launcher_env()    # Slurm's / MPI's ranks as torch variables
+        env = {**derived, **os.environ}
+        world = _int_env('WORLD_SIZE', default=1, env=env)
+        if world <= 1:
+            _warn_if_slurm_without_srun()
+            return distrib_info()
+        missing = [k for k in ('RANK', 'MASTER_ADDR', 'MASTER_PORT') if k not in env]
+        if missing: raise RuntimeError(_missing_message(world, missing, launcher))
+        for k, v in derived.items(): os.environ.setdefault(k, v)   # what fastai, accelerate and env:// read
         on_cpu = use_cpu(cpu)
-        if not on_cpu: torch.cuda.set_device(_int_env('LOCAL_RANK', default=0))
+        if not on_cpu: torch.cuda.set_device(_cuda_index(_int_env('LOCAL_RANK', default=0)))
         kw = {} if timeout is None else dict(timeout=datetime.timedelta(seconds=timeout))
         dist.init_process_group('gloo' if on_cpu else 'nccl', init_method='env://', **kw)
     if on_cpu:
         os.environ['ACCELERATE_USE_CPU'] = 'true'
         if torch.cuda.is_available(): defaults.use_cuda = False      # DataLoaders and learners made now stay on the CPU
-    else: torch.cuda.set_device(_int_env('LOCAL_RANK', default=0))
+    else: torch.cuda.set_device(_cuda_index(_int_env('LOCAL_RANK', default=0)))
     _reset_stale_accelerate_state()
     return distrib_info()
 
@@ -343,8 +499,8 @@ def _free_port() -> int:
 
 class _Launched:
     "What each launched process runs: set up (ranks, threads, process group), call `fn`, hand rank 0's result back."
-    def __init__(self, fn, args, kwargs, out:str, cpu:bool, n:int):
-        self.fn, self.args, self.kwargs, self.out, self.cpu, self.n = fn, args, kwargs, out, cpu, n
+    def __init__(self, fn, args, kwargs, out:str, cpu:bool, n:int, port:str|None=None):
+        self.fn, self.args, self.kwargs, self.out, self.cpu, self.n, self.port = fn, args, kwargs, out, cpu, n, port
     def __call__(self, *_):
         _reset_stale_accelerate_state(force=True)            # state forked from the notebook is not this process's
         if self.cpu:
@@ -352,6 +508,8 @@ class _Launched:
             # OMP_NUM_THREADS also keeps accelerate from raising the count
             os.environ['OMP_NUM_THREADS'] = '1'
             torch.set_num_threads(1)
+            # debug_launcher's group meets through a file; its fixed MASTER_PORT=29500 would only mislead
+            if self.port: os.environ['MASTER_PORT'] = self.port
         info = setup_distributed(self.cpu)
         try:
             res = self.fn(*self.args, **self.kwargs)
@@ -373,15 +531,17 @@ def notebook_launch(fn, *args, num_processes:int|None=None, cpu:bool|None=None, 
     if not cpu and n > torch.cuda.device_count():
         raise ValueError(f"notebook_launch: {n} processes but {torch.cuda.device_count()} GPU(s); one process per GPU, or cpu=True")
     if n == 1: return fn(*args, **kwargs)
+    # the port: `master_port`, else MASTER_PORT, else a free one, so that several launches on one machine do not collide
+    port = str(master_port or os.environ.get('MASTER_PORT') or _free_port())
     fd, out = tempfile.mkstemp(prefix='vidkit_launch_', suffix='.pkl'); os.close(fd); os.unlink(out)
-    target = _Launched(fn, args, kwargs, out, cpu, n)
+    target = _Launched(fn, args, kwargs, out, cpu, n, port)
     try:
         if cpu:
             from accelerate import debug_launcher
             debug_launcher(target, num_processes=n)
         else:
             from accelerate import notebook_launcher
-            notebook_launcher(target, num_processes=n, mixed_precision=mixed_precision, use_port=str(master_port or _free_port()))
+            notebook_launcher(target, num_processes=n, mixed_precision=mixed_precision, use_port=port)
         if not os.path.exists(out): return None
         with open(out, 'rb') as f: return pickle.load(f)
     finally:
