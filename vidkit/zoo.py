@@ -4,7 +4,7 @@
 
 # %% ../nbs/06a_zoo.ipynb #c004
 from __future__ import annotations
-import dataclasses, fnmatch, hashlib, importlib, os, re
+import dataclasses, difflib, fnmatch, hashlib, importlib, os, re
 from pathlib import Path
 import torch
 from torchvision.models import resnet as _tv_resnet
@@ -89,7 +89,6 @@ def get_pretrained(name:str) -> PretrainedWeights:
     "The entry called `name`; an error lists the close names."
     if isinstance(name, PretrainedWeights): return name
     if name in _ZOO: return _ZOO[name]
-    import difflib
     close = difflib.get_close_matches(str(name), list(_ZOO), n=5, cutoff=0.5)
     raise KeyError(f"unknown pretrained weights {name!r}" + (f"; did you mean {', '.join(close)}?" if close else '')
                    + " (vidkit.zoo.list_pretrained() lists them all)")
@@ -146,7 +145,7 @@ def _mmaction2_entries():
     yield _mm('tsn_r101.kinetics400', 'tsn_r101', 'tsn_imagenet-pretrained-r101_8xb32-1x1x8-100e_kinetics400-rgb',
               '20220906-23cff032', 75.89, 92.07, '25 clips x 10 crops', clip_recipe(224, 256, segments=25))
     yield _mm('tsm_r50.kinetics400', 'tsm_r50', 'tsm_imagenet-pretrained-r50_8xb16-1x1x8-50e_kinetics400-rgb',
-              '20220831-64d69186', 72.95, 90.45, '8 clips x 10 crops', clip_recipe(224, 256, segments=8))
+              '20220831-64d69186', 73.18, 90.56, '8 clips x 10 crops', clip_recipe(224, 256, segments=8))
     yield _mm('i3d_r50.kinetics400', 'i3d_r50', 'i3d_imagenet-pretrained-r50_8xb8-32x2x1-100e_kinetics400-rgb',
               '20220812-e213c223', 73.47, 91.27, '10 clips x 3 crops', clip_recipe(224, 256, clip_len=32, frame_interval=2))
 
@@ -174,8 +173,6 @@ def pretrained_table(pattern:str|None=None, model:str|None=None):
     return pd.DataFrame(rows)
 
 # %% ../nbs/06a_zoo.ipynb #c021
-def _fits(e, model): return model is None or model in e.models
-
 def default_pretrained(model:str) -> PretrainedWeights:
     "The weights `pretrained=True` gives `model`: its own default (e.g. Kinetics-400), else its backbone's ImageNet default."
     es = [get_pretrained(n) for n in list_pretrained(model=model)]
@@ -238,18 +235,17 @@ def download_weights(name, cache_dir=None, mirror:str|None=None, progress:bool=T
     dst = weights_path(e, cache_dir)
     if dst.exists(): return dst
     if e.url is None: return build_weights(e, cache_dir, progress=progress)
-    url = _source_url(e, mirror)
-    try: download_file(url, dst, timeout=timeout, progress=progress)
+    url, got = _source_url(e, mirror), dst.with_name(dst.name + '.download')   # renamed to `dst` once its hash is checked
+    try: download_file(url, got, timeout=timeout, progress=progress)
     except DownloadError as err:
         raise WeightsDownloadError(url, f"{err.args[-1] if err.args else err}. Cannot reach it? Download {e.file_name} "
             f"on another machine and put it in {dst.parent}/ (or set {WEIGHTS_MIRROR_ENV} to a base URL that serves it)") from err
     want = e.hash_prefix
-    if want:
-        got = _sha256(dst)
-        if not got.startswith(want):
-            dst.unlink()
-            raise WeightsDownloadError(url, f"{e.file_name} has sha256 {got[:16]}..., expected {want[:16]}...; "
-                                            "the file was deleted (a damaged download or a wrong mirror)")
+    if want and not (h := _sha256(got)).startswith(want):
+        got.unlink()
+        raise WeightsDownloadError(url, f"{e.file_name} has sha256 {h[:16]}..., expected {want[:16]}...; "
+                                        "the file was deleted (a damaged download or a wrong mirror)")
+    os.replace(got, dst)
     return dst
 
 # %% ../nbs/06a_zoo.ipynb #c029
