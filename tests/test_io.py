@@ -12,10 +12,14 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.io import encode_jpeg, write_file
 
 from vidkit.core import VideoDecodeError, worker_init
+import vidkit.io
 from vidkit.io import (make_test_video, moving_gradient, open_video, probe, download_video, VideoInfo,
-                       DecordReader, PyAVReader, FrameFolderReader)
+                       DecordReader, PyAVReader, FrameFolderReader, TorchCodecReader, AUTO_BACKENDS)
 
-BACKENDS = ['decord', 'pyav']
+HAS_TORCHCODEC = vidkit.io._torchcodec() is not None     # optional: needs torchcodec and FFmpeg's shared libraries
+BACKENDS = ['decord', 'pyav'] + (['torchcodec'] if HAS_TORCHCODEC else [])
+needs_torchcodec = pytest.mark.skipif(not HAS_TORCHCODEC, reason='torchcodec (or the FFmpeg libraries it needs) is not installed')
+AUTO_FIRST = next(b for b in AUTO_BACKENDS if b == 'decord' or HAS_TORCHCODEC)   # what 'auto' picks for a healthy file
 pytestmark = pytest.mark.filterwarnings('ignore:The image decoding and encoding capabilities of TorchVision:DeprecationWarning')
 
 
@@ -67,9 +71,9 @@ def vids(tmp_path_factory):
 
 # --------------------------------------------------------------------------- each backend on real files
 
-# (decord is not used on B-frame AVI: see test_decord_refuses_bframe_avi)
+# (decord and torchcodec are not used on B-frame AVI: see test_decord_refuses_bframe_avi, test_torchcodec_bframe_avi)
 @pytest.mark.parametrize('backend,key,n', [(b, k, n) for b in BACKENDS for k, n in [('mp4', 30), ('avi', 30), ('bavi', 30), ('mkv', 20)]
-                                           if (b, k) != ('decord', 'bavi')])
+                                           if (b, k) not in [('decord', 'bavi'), ('torchcodec', 'bavi')]])
 def test_backend_exact_frames(vids, backend, key, n):
     ref = reference_frames(vids[key])
     assert len(ref) == n
@@ -96,6 +100,55 @@ def test_decord_refuses_bframe_avi(vids):
     with open_video(vids['bavi']) as r:
         assert r.backend == 'pyav' and torch.equal(r.get_frames([25, 19, 3]), ref[[25, 19, 3]])
 
+
+@needs_torchcodec
+def test_torchcodec_refuses_bframe_avi(vids):
+    "torchcodec's seeking lands on other frames in a B-frame AVI too: it must refuse the file, and 'auto' must use PyAV."
+    from torchcodec.decoders import VideoDecoder
+    ref = reference_frames(vids['bavi'])
+    assert not torch.equal(VideoDecoder(str(vids['bavi'])).get_frames_at([3, 19, 25]).data, ref[[3, 19, 25]])  # the bug
+    with pytest.raises(VideoDecodeError, match="backend='pyav'"): open_video(vids['bavi'], backend='torchcodec')
+    with open_video(vids['bavi']) as r: assert r.backend == 'pyav'
+    for key in ('avi', 'hdavi'):                                  # AVI without B-frames is fine
+        with open_video(vids[key], backend='torchcodec') as r: assert r.backend == 'torchcodec'
+
+
+@pytest.mark.parametrize('key', ['mp4', 'avi', 'mkv', 'hd'])
+def test_backends_agree_on_random_batches(vids, key):
+    "Every backend returns the same frames as a front-to-back decode for random sparse batches (what TSN sampling asks)."
+    ref = reference_frames(vids[key])
+    rng = np.random.default_rng(1)
+    for b in BACKENDS:
+        with open_video(vids[key], backend=b) as r:
+            for _ in range(6):
+                idx = np.sort(rng.choice(len(ref), min(8, len(ref)), replace=False))
+                assert torch.equal(r.get_frames(idx), ref[idx]), (b, key, idx)
+
+
+def test_auto_picks_the_first_installed_backend(vids, monkeypatch):
+    with open_video(vids['mp4']) as r: assert r.backend == AUTO_FIRST
+    monkeypatch.setattr(vidkit.io, 'AUTO_BACKENDS', ['decord'])
+    with open_video(vids['mp4']) as r: assert r.backend == 'decord'
+    monkeypatch.setattr(vidkit.io, 'AUTO_BACKENDS', [])
+    with open_video(vids['mp4']) as r: assert r.backend == 'pyav'
+    with pytest.raises(ValueError, match='torchcodec'): open_video(vids['mp4'], backend='decord', device='cuda')
+
+
+def test_reopening_skips_the_checks_but_sees_a_rewritten_file(vids, tmp_path):
+    "A file opened before is not probed again (its facts are remembered), unless it changed on disk."
+    p = tmp_path/'v.mp4'
+    p.write_bytes(Path(vids['mp4']).read_bytes())
+    a = DecordReader(p, fallback=True)
+    b = DecordReader(p, fallback=True)
+    assert (b.num_frames, b.fps, b.height, b.width) == (a.num_frames, a.fps, a.height, a.width) == (30, 25.0, 64, 80)
+    assert torch.equal(a.get_frames([7, 2]), b.get_frames([7, 2]))
+    a.close(); b.close()
+    make_test_video(p, num_frames=12, size=(48, 64))              # the same path, other content
+    with DecordReader(p, short_side=24) as c: assert (c.num_frames, c.height, c.width) == (12, 24, 32)
+    d = write_frames(tmp_path/'f', 4)
+    assert open_video(d).num_frames == 4
+    write_frames(tmp_path/'f', 6)
+    assert open_video(d).num_frames == 6
 
 def test_pyav_sequential_mode_agrees(vids):
     "The slow exact path (decode from the start, count frames) gives the same frames as seeking."
@@ -138,11 +191,12 @@ def test_decode_time_resize(vids, key, kw, hw):
         assert x.shape == (3, 3) + hw
         outs.append(x)
         r.close()
-    assert mad(outs[0], outs[1]) < 2
-    # close to resizing the full-size frames afterwards
+    assert mad(outs[0], outs[1]) < 2            # decord and PyAV scale while decoding (FFmpeg's swscale)
+    # close to resizing the full-size frames afterwards (which is what the torchcodec reader does: one resize per clip)
     from torchvision.transforms.v2.functional import resize
-    with open_video(vids[key]) as r: full = resize(r.get_frames(idx), list(hw), antialias=True)
-    assert mad(outs[0], full) < 4
+    with open_video(vids[key], backend='pyav') as r: full = resize(r.get_frames(idx), list(hw), antialias=True)
+    assert all(mad(o, full) < 4 for o in outs)
+    if HAS_TORCHCODEC: assert mad(outs[2], full) < 0.5
 
 
 def test_resize_args_checked(vids):
@@ -232,7 +286,7 @@ def bad(vids, tmp_path_factory):
     return d
 
 
-@pytest.mark.parametrize('backend', ['auto', 'decord', 'pyav'])
+@pytest.mark.parametrize('backend', ['auto', 'decord', 'pyav', pytest.param('torchcodec', marks=needs_torchcodec)])
 @pytest.mark.parametrize('name,reason', [('missing.mp4', 'no such file'), ('empty.mp4', r'empty \(0 bytes\)'),
                                          ('random.mp4', 'cannot read it'), ('text.mp4', 'cannot read it'),
                                          ('trunc.mp4', 'cannot read it')])
@@ -295,7 +349,7 @@ def test_truncated_avi(vids, tmp_path):
             with pytest.raises(VideoDecodeError, match='out of range'): r.get_frames([r.num_frames])
 
 
-@pytest.mark.parametrize('backend', ['auto', 'decord', 'pyav'])
+@pytest.mark.parametrize('backend', ['auto'] + BACKENDS)
 def test_bad_indices(vids, backend):
     with open_video(vids['mp4'], backend=backend) as r:
         for bad_idx in ([30], [-1], [0, 5, 1000]):
@@ -308,6 +362,7 @@ def test_bad_indices(vids, backend):
 def test_decord_decode_failure_falls_back_to_pyav(vids, monkeypatch):
     import decord
     ref = reference_frames(vids['mp4'])
+    monkeypatch.setattr(vidkit.io, 'AUTO_BACKENDS', ['decord'])
     r_auto, r_strict = open_video(vids['mp4']), open_video(vids['mp4'], backend='decord')
     assert r_auto.backend == 'decord'
     def broken(self, indices): raise decord._ffi.base.DECORDError('simulated decode failure')
@@ -317,6 +372,28 @@ def test_decord_decode_failure_falls_back_to_pyav(vids, monkeypatch):
     with pytest.raises(VideoDecodeError, match='simulated decode failure') as ei: r_strict.get_frames([4])
     assert ei.value.path == str(vids['mp4'])
     r_auto.close(); r_strict.close()
+
+
+@needs_torchcodec
+def test_torchcodec_decode_failure_falls_back_to_pyav(vids, monkeypatch):
+    from torchcodec.decoders import VideoDecoder
+    ref = reference_frames(vids['mp4'])
+    r_auto, r_strict = TorchCodecReader(vids['mp4'], fallback=True), open_video(vids['mp4'], backend='torchcodec')
+    def broken(self, indices): raise RuntimeError('simulated decode failure')
+    monkeypatch.setattr(VideoDecoder, 'get_frames_at', broken)
+    assert torch.equal(r_auto.get_frames([4, 2]), ref[[4, 2]]) and r_auto.backend == 'pyav'
+    with pytest.raises(VideoDecodeError, match='simulated decode failure') as ei: r_strict.get_frames([4])
+    assert ei.value.path == str(vids['mp4'])
+    r_auto.close(); r_strict.close()
+
+
+@needs_torchcodec
+def test_torchcodec_refuses_truncated_under_auto(vids, tmp_path):
+    cut = tmp_path/'cut.mp4'
+    data = _faststart_copy(vids['mp4'], tmp_path/'fast.mp4').read_bytes()
+    cut.write_bytes(data[:int(len(data) * 0.6)])
+    with pytest.raises(VideoDecodeError, match='truncated'): TorchCodecReader(cut, fallback=True)
+    with open_video(cut, backend='torchcodec') as r: assert 0 < r.num_frames < 30
 
 
 # --------------------------------------------------------------------------- handles, pickling, workers
@@ -356,7 +433,7 @@ class ClipDS(Dataset):
     def __getitem__(self, i): return self.r.get_frames([i, i + 2, i]), os.getpid()
 
 
-@pytest.mark.parametrize('backend', ['decord', 'pyav', 'frames'])
+@pytest.mark.parametrize('backend', BACKENDS + ['frames'])
 def test_dataloader_fork_workers(vids, tmp_path, backend):
     src = write_frames(tmp_path/'f', 30, size=(64, 80)) if backend == 'frames' else vids['mp4']
     r = open_video(src, backend=backend)

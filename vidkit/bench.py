@@ -32,50 +32,141 @@ def _interleave(fns:dict, repeats:int) -> dict:
     return out
 
 # %% ../nbs/13_bench.ipynb #c007
-def _loader_rate(records, vocab, n_clips:int, workers:int, bs:int=8) -> float:
-    "Clips/s of vidkit's training loader (8 segments, short side 128, crop 112), first batch (worker start) excluded."
+_RECIPE = ("MMAction2's TSN training recipe, scaled down: SampleFrames(1, 1, 8) train mode, decode, resize short side 128, "
+           "MultiScaleCrop(112, scales (1, .875, .75, .66)), resize 112x112, flip 0.5; batch 8, torch threads 1 in workers")
+
+def _worker_init(_):
+    torch.set_num_threads(1)
+
+class _BareVideo(torch.utils.data.Dataset):
+    "Bare decoding, no transforms: open the file with `decoder`, read the TSN-8 frames at native size (the decode limit)."
+    def __init__(self, paths, decoder:str): self.paths, self.decoder = paths, decoder
+    def __len__(self): return len(self.paths)
+    def __getitem__(self, i):
+        from vidkit.sampling import SampleFrames
+        p, s = self.paths[i], SampleFrames(1, num_clips=8)
+        if self.decoder == 'decord':
+            import decord
+            vr = decord.VideoReader(p, num_threads=1)
+            return torch.from_numpy(vr.get_batch(s(len(vr), None).tolist()).asnumpy()).permute(0, 3, 1, 2)
+        from torchcodec.decoders import VideoDecoder
+        d = VideoDecoder(p, seek_mode='exact', num_ffmpeg_threads=1)
+        return d.get_frames_at(s(d.metadata.num_frames, None).tolist()).data
+
+class _BareFrames(torch.utils.data.Dataset):
+    "Bare JPEG decoding of rawframe folders with PIL (TSN-8 frames, native size, no transforms)."
+    def __init__(self, records): self.records = records
+    def __len__(self): return len(self.records)
+    def __getitem__(self, i):
+        from PIL import Image
+        from vidkit.sampling import SampleFrames
+        r = self.records[i]
+        idx = SampleFrames(1, num_clips=8)(r.num_frames, None) + 1
+        return torch.stack([torch.from_numpy(np.asarray(Image.open(Path(r.path)/f'img_{k:05}.jpg').convert('RGB'))) for k in idx]).permute(0, 3, 1, 2)
+
+def _torchcodec_peer_tfms(x):
+    "The recipe's transforms written directly in torchvision, for the 'TorchCodec + same transforms' contender."
+    import random
+    import torchvision.transforms.v2.functional as TF
+    from vidkit.transforms import MultiScaleCrop
+    h, w = x.shape[-2:]; s = 128 / min(h, w)
+    x = TF.resize(x, [round(h * s), round(w * s)], antialias=True)
+    m = MultiScaleCrop(112); h, w = x.shape[-2:]
+    ch, cw = random.choice(m.crop_sizes(h, w)); t, l = random.choice(m.fixed_offsets(h, w, ch, cw))
+    x = TF.resize(x[..., t:t + ch, l:l + cw], [112, 112], antialias=True)
+    return TF.hflip(x) if random.random() < 0.5 else x
+
+class _TorchCodecPeer(_BareVideo):
+    "TorchCodec decoding + the recipe's transforms in plain torchvision (what a user could write instead of vidkit)."
+    def __getitem__(self, i): return _torchcodec_peer_tfms(super().__getitem__(i))
+
+def _mmaction2_loader(paths, bs, workers):
+    "MMAction2's own pipeline and DataLoader (mmengine `Runner.build_dataloader`) on the recipe, when mmaction2 is installed."
+    import mmaction.datasets  # noqa: F401 -- registers the transforms
+    from mmengine.registry import init_default_scope
+    from mmengine.runner import Runner
+    init_default_scope('mmaction')
+    ann = Path(tempfile.mkdtemp(prefix='vidkit_mm_'))/'list.txt'
+    ann.write_text(''.join(f'{p} 0\n' for p in paths))
+    pipeline = [dict(type='DecordInit', num_threads=1), dict(type='SampleFrames', clip_len=1, frame_interval=1, num_clips=8),
+                dict(type='DecordDecode'), dict(type='Resize', scale=(-1, 128)),
+                dict(type='MultiScaleCrop', input_size=112, scales=(1, .875, .75, .66), random_crop=False, max_wh_scale_gap=1),
+                dict(type='Resize', scale=(112, 112), keep_ratio=False), dict(type='Flip', flip_ratio=0.5),
+                dict(type='FormatShape', input_format='NCHW'), dict(type='PackActionInputs')]
+    cfg = dict(batch_size=bs, num_workers=workers, persistent_workers=True, sampler=dict(type='DefaultSampler', shuffle=True),
+               dataset=dict(type='VideoDataset', ann_file=str(ann), data_prefix=dict(video=''), pipeline=pipeline))
+    return Runner.build_dataloader(cfg, seed=0)
+
+def _contender(name:str, spec:dict, n_clips:int, workers:int, bs:int=8) -> dict:
+    "Build contender `name`'s loader and time it (run in a fresh process): clips/s, first batch (s), worker peak RSS (MB), main-process and worker CPU per clip (ms)."
+    from vidkit.datasets import read_video_list, read_rawframe_list
+    from torch.utils.data import DataLoader
+    root, rawframes = Path(spec['root']), name.endswith('frames')
+    read = read_rawframe_list if rawframes else read_video_list
+    records, vocab = read(root/('train_rawframes.txt' if rawframes else 'train_list.txt'), data_root=root)
+    reps = -(-(n_clips + (workers + 1) * bs) // len(records))
+    records = records * reps
+    paths = [str(r.path) for r in records]
+    dl_kw = dict(batch_size=bs, num_workers=workers, shuffle=True, worker_init_fn=_worker_init, persistent_workers=workers > 0)
+    # libraries are imported before the clock starts (the first batch measures the loader, not Python's imports)
+    from vidkit.io import _torchcodec, _decord
     from vidkit.data import VideoDataLoaders
     from vidkit.sampling import SampleFrames
-    reps = -(-(n_clips + bs) // len(records))
-    dls = VideoDataLoaders.from_records(records * reps, records[:1], vocab, SampleFrames(1, num_clips=8), size=112,
-                                        short_side=128, bs=bs, num_workers=workers)
-    it, n = iter(dls.train), 0
-    next(it)
+    _decord(); _torchcodec()
+    if name == 'mmaction2': import mmaction.datasets, mmengine.runner  # noqa: F401
     t0 = time.perf_counter()
-    for x, y in it:
+    if name.startswith('vidkit'):
+        backend = name.split(':')[1] if ':' in name and not rawframes else 'auto'
+        dl = VideoDataLoaders.from_records(records, records[:1], vocab, SampleFrames(1, num_clips=8), size=112, short_side=128,
+                                           bs=bs, num_workers=workers, backend=backend, **spec.get('vidkit_kw', {})).train
+    elif name == 'bare:frames': dl = DataLoader(_BareFrames(records), **dl_kw)
+    elif name.startswith('bare:'): dl = DataLoader(_BareVideo(paths, name[5:]), **dl_kw)
+    elif name == 'torchcodec+tfms': dl = DataLoader(_TorchCodecPeer(paths, 'torchcodec'), **dl_kw)
+    elif name == 'mmaction2': dl = _mmaction2_loader(paths, bs, workers)
+    else: raise ValueError(f"unknown contender {name!r}")
+    it = iter(dl)
+    next(it)
+    first = time.perf_counter() - t0
+    for _ in range(workers - 1): next(it)     # the other workers' first batches: warm-up, not timed
+    kids = Path(f'/proc/{os.getpid()}/task/{os.getpid()}/children')
+    pids = kids.read_text().split() if kids.exists() else []
+    w1 = sum(_cpu_of(p) for p in pids)
+    n, t1, c1 = 0, time.perf_counter(), time.process_time()
+    for b in it:
+        x = b['inputs'] if isinstance(b, dict) else b[0] if isinstance(b, (tuple, list)) else b
         n += len(x)
         if n >= n_clips: break
-    rate = n / (time.perf_counter() - t0)
-    del it, dls
-    return rate
+    rate, main_cpu = n / (time.perf_counter() - t1), (time.process_time() - c1) / n * 1000
+    worker_cpu = (sum(_cpu_of(p) for p in pids) - w1) / n * 1000
+    rss = [_peak_of(p) for p in pids]
+    del it, dl
+    return dict(clips_per_s=rate, first_batch_s=first, worker_peak_rss_mb=max(rss) if rss else float('nan'),
+                main_cpu_ms_per_clip=main_cpu, worker_cpu_ms_per_clip=worker_cpu)
 
-def _bare_worker(args):
-    "Bare decode loop in one process: decord get_batch of TSN-8 indices at short side 128, centre crop 112."
-    paths, n, seed = args
-    import decord
-    from vidkit.sampling import SampleFrames
-    torch.set_num_threads(1)
-    rng, sampler = np.random.default_rng(seed), SampleFrames(1, num_clips=8)
-    t0 = time.perf_counter()
-    for i in range(n):
-        p = paths[i % len(paths)]
-        vr0 = decord.VideoReader(p, num_threads=1)
-        h, w = vr0[0].shape[:2]
-        del vr0
-        s = 128 / min(h, w); nh, nw = int(round(h * s)), int(round(w * s))
-        vr = decord.VideoReader(p, num_threads=1, width=nw, height=nh)
-        frames = torch.from_numpy(vr.get_batch(list(sampler(len(vr), rng))).asnumpy()).permute(0, 3, 1, 2)
-        t, l = (nh - 112) // 2, (nw - 112) // 2
-        clip = frames[..., t:t + 112, l:l + 112].contiguous()
-        del vr
-    return n / (time.perf_counter() - t0)
+def _cpu_of(pid) -> float:
+    "CPU seconds (user + system) process `pid` has used so far."
+    try: f = Path(f'/proc/{pid}/stat').read_text().rsplit(')', 1)[1].split()
+    except OSError: return 0.
+    return (int(f[11]) + int(f[12])) / os.sysconf('SC_CLK_TCK')
 
-def _bare_rate(paths, n_clips:int, workers:int) -> float:
-    "Clips/s of the bare loop in `workers` processes (the sum of their rates)."
-    import multiprocessing as mp
-    per = -(-n_clips // workers)
-    with mp.get_context('fork').Pool(workers) as pool:
-        return sum(pool.map(_bare_worker, [(paths, per, s) for s in range(workers)]))
+def _peak_of(pid) -> float:
+    "Peak resident set size (VmHWM) of process `pid` in MB."
+    try:
+        for line in Path(f'/proc/{pid}/status').read_text().splitlines():
+            if line.startswith('VmHWM:'): return int(line.split()[1]) / 1024
+    except OSError: pass
+    return float('nan')
+
+def _run_contender(name:str, spec:dict, n_clips:int, workers:int) -> dict:
+    "`_contender` in a fresh Python process (imports, allocator and caches start cold for every contender and round)."
+    code = f"import json; from vidkit.bench import _contender; print(json.dumps(_contender({name!r}, {spec!r}, {n_clips}, {workers})))"
+    p = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True)
+    if p.returncode: return dict(error=(p.stderr.strip().splitlines() or ['failed'])[-1])
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+def _installed(mod:str) -> bool:
+    "Whether `mod` imports in a fresh process (a peer's import may fail for reasons of its own, e.g. missing FFmpeg libraries)."
+    return subprocess.run([sys.executable, '-c', f'import {mod}'], capture_output=True).returncode == 0
 
 # %% ../nbs/13_bench.ipynb #c009
 def _rss_growth(paths, n_clips:int, warmup:int=100) -> dict:
@@ -98,26 +189,61 @@ print(json.dumps(dict(after_warmup_mb=r0, end_mb=_rss_mb())))
     d['growth_mb'] = d['end_mb'] - d['after_warmup_mb']
     return d
 
-def bench_data(out_dir=None, n_clips:int=240, workers:int=2, repeats:int=3, leak_clips:int=1000, root=None) -> dict:
-    "Loader vs bare decoding (ratio, clips/s), peak RSS, and RSS growth over `leak_clips` clips; writes `data.json`."
+def _judge(res:dict, min_vs_mmaction2:float=1.1, min_vs_bare:float=0.9, max_first_batch:float=1.5) -> dict:
+    "The issue's targets for one data set of `bench_data`: each with its figure and whether it is met (None: not measured)."
+    med, out = res['median'], {}
+    def ratio(a, b, key='clips_per_s'):
+        return med[a][key] / med[b][key] if a in med and b in med and med[b][key] else None
+    fastest = max((k for k in med if k.startswith('bare:') and k != 'bare:frames'), key=lambda k: med[k]['clips_per_s'], default=None)
+    for label, v, lim, ok in [
+        (f'vidkit >= {min_vs_mmaction2} x mmaction2', ratio('vidkit', 'mmaction2'), min_vs_mmaction2, lambda v, l: v >= l),
+        (f'vidkit >= {min_vs_bare} x fastest bare decoder ({fastest})', ratio('vidkit', fastest), min_vs_bare, lambda v, l: v >= l),
+        (f'vidkit first batch <= {max_first_batch} x bare ({fastest})', ratio('vidkit', fastest, 'first_batch_s'), max_first_batch,
+         lambda v, l: v <= l),
+        (f'vidkit rawframes >= {min_vs_bare} x bare PIL', ratio('vidkit:frames', 'bare:frames'), min_vs_bare, lambda v, l: v >= l),
+        (f'vidkit rawframes first batch <= {max_first_batch} x bare PIL',
+         ratio('vidkit:frames', 'bare:frames', 'first_batch_s'), max_first_batch, lambda v, l: v <= l)]:
+        out[label] = dict(value=v, met=None if v is None else bool(ok(v, lim)))
+    return out
+
+def bench_data(out_dir=None, n_clips:int=240, workers:int=2, repeats:int=3, leak_clips:int=1000, root=None,
+               contenders=None, hd_clips:int|None=None) -> dict:
+    "vidkit's loader against bare decoding with each installed decoder, and MMAction2/TorchCodec peers when installed, on MMAction2's TSN recipe; writes `data.json`."
     from vidkit.synth import make_synthetic_dataset
-    from vidkit.datasets import read_video_list
     root = Path(root or tempfile.mkdtemp(prefix='vidkit_bench_'))
-    sets = {'340x256': dict(size=(256, 340), n_per_class=3, num_frames=(96, 128)),
-            '720p': dict(size=(720, 1280), n_per_class=1, num_frames=(48, 64))}
-    res = dict(recipe='SampleFrames(1, num_clips=8), short side 128, crop 112', workers=workers, n_clips=n_clips)
+    sets = {'340x256': dict(size=(256, 340), n_per_class=3, num_frames=(96, 128), rawframes=True),
+            '720p': dict(size=(720, 1280), n_per_class=1, num_frames=(48, 64), rawframes=False)}
+    have = {m: _installed(m) for m in ('decord', 'torchcodec.decoders', 'mmaction.datasets')}
+    if contenders is None:
+        contenders = ['vidkit', 'vidkit:decord'] + (['vidkit:torchcodec'] if have['torchcodec.decoders'] else [])
+        contenders += ['bare:decord'] if have['decord'] else []
+        contenders += ['bare:torchcodec', 'torchcodec+tfms'] if have['torchcodec.decoders'] else []
+        contenders += ['mmaction2'] if have['mmaction.datasets'] else []
+        contenders += ['vidkit:frames', 'bare:frames']
+    hd_clips = hd_clips or max(16, n_clips // 5)
+    res = dict(recipe=_RECIPE, workers=workers, n_clips=n_clips, hd_clips=hd_clips, repeats=repeats, installed=have,
+               load_average=os.getloadavg())
     for name, kw in sets.items():
         data = make_synthetic_dataset(root/name, seed=0, **kw)
-        records, vocab = read_video_list(data.train_list, data_root=data.root)
-        paths = [str(r.path) for r in records]
-        runs = _interleave({'vidkit': lambda: _loader_rate(records, vocab, n_clips, workers),
-                            'bare': lambda: _bare_rate(paths, n_clips, workers)}, repeats)
-        med = {k: statistics.median(v) for k, v in runs.items()}
-        res[name] = dict(vidkit_clips_per_s=med['vidkit'], bare_clips_per_s=med['bare'],
-                         ratio=med['vidkit'] / med['bare'], runs=runs)
-    res['peak_rss_mb'] = _peak_rss_mb()
+        spec = dict(root=str(data.root))
+        todo = [c for c in contenders if kw['rawframes'] or not c.endswith('frames')]
+        n = n_clips if name == '340x256' else hd_clips
+        runs = _interleave({c: (lambda c=c: _run_contender(c, spec, n, workers)) for c in todo}, repeats)
+        med = {}
+        for c, rs in runs.items():
+            ok = [r for r in rs if 'error' not in r]
+            if ok: med[c] = {k: statistics.median(r[k] for r in ok) for k in ok[0]}
+            else: med[c] = dict(error=rs[0]['error'])
+        med_ok = {c: m for c, m in med.items() if 'error' not in m}
+        fastest = max((c for c in med_ok if c.startswith('bare:') and c != 'bare:frames'),
+                      key=lambda c: med_ok[c]['clips_per_s'], default=None)
+        ratios = {c: m['clips_per_s'] / med_ok[fastest]['clips_per_s'] for c, m in med_ok.items()} if fastest else {}
+        res[name] = dict(median=med, ratio_to_fastest_bare=ratios, fastest_bare=fastest, runs=runs)
+        res[name]['targets'] = _judge(dict(median=med_ok))
+    res['load_average_end'] = os.getloadavg()
+    paths = [str(p) for p in sorted((root/'340x256'/'videos').rglob('*.mp4'))]
     res['rss'] = _rss_growth(paths, leak_clips)
-    res['targets'] = dict(ratio=0.85, growth_mb=50)
+    res['rss']['target_growth_mb'] = 50
     _write(res, out_dir, 'data.json')
     return res
 

@@ -69,6 +69,16 @@ class _InputsOnly:
 
 def _workers(n): return min(2, os.cpu_count() or 1) if n is None else n
 
+def _import_decoders(records, backend):
+    "Import the decoder `backend` will use in this process, before the workers fork: each worker would otherwise import it on its first item (TorchCodec takes seconds)."
+    import importlib.util
+    from vidkit.io import _torchcodec, _decord, AUTO_BACKENDS
+    if not records or Path(records[0].path).is_dir() or backend not in ('auto', 'torchcodec', 'decord'): return
+    for b in (AUTO_BACKENDS if backend == 'auto' else [backend]):
+        if importlib.util.find_spec(b) is None: continue
+        (_torchcodec if b == 'torchcodec' else _decord)()
+        return
+
 class VideoDataLoaders(DataLoaders):
     "fastai `DataLoaders` of video clips, with `vocab`, `c` and the recipe `data_cfg`."
     @classmethod
@@ -90,6 +100,7 @@ class VideoDataLoaders(DataLoaders):
                                 split_idx=1, **reader_kw)
         if repeat > 1: train_ds = RepeatDataset(train_ds, repeat)
         nw = _workers(num_workers)
+        if nw > 0: _import_decoders(train_ds.records[:1], backend)
         dl_kw = dict(num_workers=nw, after_batch=[norm] + list(batch_tfms or []), device=device,
                      persistent_workers=nw > 0)
         dls = cls(TfmdDL(train_ds, bs=bs, shuffle=True, drop_last=len(train_ds) > bs, **dl_kw),

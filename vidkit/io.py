@@ -13,8 +13,8 @@ import torch
 from .core import VideoDecodeError
 
 # %% auto #0
-__all__ = ['moving_gradient', 'make_test_video', 'VideoReader', 'DecordReader', 'PyAVReader', 'FrameFolderReader', 'open_video',
-           'VideoInfo', 'probe', 'download_video']
+__all__ = ['AUTO_BACKENDS', 'moving_gradient', 'make_test_video', 'VideoReader', 'DecordReader', 'PyAVReader', 'TorchCodecReader',
+           'FrameFolderReader', 'open_video', 'VideoInfo', 'probe', 'download_video']
 
 # %% ../nbs/01_io.ipynb #c006
 def _h264_encoder() -> str:
@@ -166,6 +166,22 @@ def _pyav_rate(stream) -> float|None:
         if r and float(r) > 0 and math.isfinite(float(r)): return float(r)
     return None
 
+_KNOWN, _KNOWN_MAX = {}, 1 << 16
+
+def _file_key(backend:str, path) -> tuple:
+    "Identity of a file's content for `_KNOWN`: the backend, path, size and modification time (a rewritten file is a new key)."
+    st = os.stat(path)
+    return (backend, str(path), st.st_size, st.st_mtime_ns)
+
+def _known(key):
+    "What a reader learnt about this file when it last opened it in this process (None if nothing)."
+    return _KNOWN.get(key)
+
+def _remember(key, facts:tuple):
+    "Keep `facts` about a file that opened cleanly (a few numbers; bounded, oldest first out; never a decoder handle)."
+    if len(_KNOWN) >= _KNOWN_MAX: _KNOWN.pop(next(iter(_KNOWN)))
+    _KNOWN[key] = facts
+
 def _pyav_header(path) -> tuple:
     "`(height, width, frames)` of the first video stream from the container header (no decoding; frames may be 0)."
     import av
@@ -180,15 +196,23 @@ class DecordReader(VideoReader):
         super().__init__(path, name, short_side, size, num_threads)
         self._fallback_ok, self._fallback, self._scale = fallback, None, None
         if _decord() is None: raise VideoDecodeError(self.name, "decord is not installed (pip install decord)")
+        self._used = False
+        try: key = _file_key('decord', self.path)
+        except OSError as e: raise VideoDecodeError(self.name, f"cannot stat the file: {e}") from e
+        known = _known(key)
+        if known is not None:   # opened and checked before in this process: no header read, no checks, no decoding
+            self.num_frames, self.fps, sh, sw = known
+            self._set_size(sh, sw)
+            return
         try:
-            try: sh, sw, hdr_frames = _pyav_header(self.path)
+            hdr_ok = False
+            try: sh, sw, hdr_frames = _pyav_header(self.path); hdr_ok = True
             except Exception as e:
                 # FFmpeg cannot even parse the container: with a fallback, spare decord (and stderr) the garbage
                 if fallback: raise VideoDecodeError(self.name, f"{_NO_HEADER}: {type(e).__name__}: {_short(e)}") from e
                 sh = sw = hdr_frames = 0
-            if size is not None or short_side is not None:
-                if not (sh and sw): sh, sw = self._full_size()
-                self._scale = _out_size(sh, sw, short_side, size)
+            if not (sh and sw): sh, sw = self._full_size()   # the header has no size: decode frame 0 to learn it
+            self._set_size(sh, sw)
             vr = self._get_handle()
             self.num_frames = len(vr)
             if fallback and hdr_frames and self.num_frames < hdr_frames:
@@ -198,14 +222,19 @@ class DecordReader(VideoReader):
             if not (np.isfinite(ts).all() and (np.diff(ts) > 0).all() and ts[0] > -1e6):
                 raise VideoDecodeError(self.name, "decord cannot index this file's frames (its frame timestamps are missing or "
                                        "out of order, e.g. B-frames in AVI) and would return wrong frames: use backend='pyav'")
-            self.height, self.width = vr[0].shape[:2]
-            vr.seek(0)
             fps = vr.get_avg_fps()
             self.fps = float(fps) if fps and math.isfinite(fps) and fps > 0 else None
-        except VideoDecodeError: raise
+        except VideoDecodeError: self.close(); raise
         except Exception as e:
             self.close()
             raise VideoDecodeError(self.name, f"decord cannot read it: {type(e).__name__}: {_short(e)}") from e
+        # remembered only when every check 'auto' makes has passed, so that a later open may skip them
+        if hdr_ok and self.num_frames >= hdr_frames: _remember(key, (self.num_frames, self.fps, sh, sw))
+
+    def _set_size(self, sh, sw):
+        "Output size from the source size `sh x sw` (decord scales while decoding when it differs)."
+        self.height, self.width = _out_size(sh, sw, self.short_side, self.size)
+        self._scale = (self.height, self.width) if (self.height, self.width) != (sh, sw) else None
 
     def _full_size(self):
         vr = _decord().VideoReader(str(self.path), num_threads=self.num_threads)
@@ -215,7 +244,7 @@ class DecordReader(VideoReader):
         h, w = self._scale or (-1, -1)
         return _decord().VideoReader(str(self.path), width=w, height=h, num_threads=self.num_threads)
 
-    def _close(self, vr): del vr
+    def _close(self, vr): self._used = False; del vr
 
     def _abandon(self):
         # a decord reader opened before a fork owns a decoding thread that does not exist in the child:
@@ -230,8 +259,11 @@ class DecordReader(VideoReader):
         if self._fallback is not None: return self._fallback._read(idx)
         try:
             vr = self._get_handle()
+            # a reader read again seeks back first: that keeps a long-lived decord reader's memory flat (design notes);
+            # one opened, read once and closed (a DataLoader item) skips the seek
+            if self._used: vr.seek(0)
             arr = vr.get_batch(idx.tolist()).asnumpy()
-            vr.seek(0)
+            self._used = True
             return torch.from_numpy(arr).permute(0, 3, 1, 2)
         except Exception as e:
             if not self._fallback_ok: raise
@@ -363,6 +395,94 @@ class PyAVReader(VideoReader):
                                    f"after {n} of the {self.num_frames} frames the container lists (the file may be truncated)")
         return [out[i] for i in idx.tolist()]
 
+# %% ../nbs/01_io.ipynb #c023b
+_TORCHCODEC = []
+
+def _torchcodec():
+    "TorchCodec's `VideoDecoder` class, or None when torchcodec (or the FFmpeg libraries it loads) is not installed."
+    if not _TORCHCODEC:
+        try: from torchcodec.decoders import VideoDecoder
+        except Exception: VideoDecoder = None
+        _TORCHCODEC.append(VideoDecoder)
+    return _TORCHCODEC[0]
+
+def _tc_short(e) -> str:
+    "TorchCodec's error message without the C++ source location it starts with."
+    return re.sub(r'^\w+, \S+:\d+, ', '', _short(e))
+
+def _avi_reordered(path) -> bool:
+    "Whether `path` is an AVI file whose video packets are not in presentation order (B-frames): TorchCodec's seeking lands on other frames there."
+    with open(path, 'rb') as f: head = f.read(12)
+    if not (head[:4] == b'RIFF' and head[8:12] == b'AVI '): return False
+    key = _file_key('avi-order', path)
+    known = _known(key)
+    if known is None:
+        import av
+        with av.open(str(path), metadata_errors='ignore') as c:
+            top, reordered = None, False
+            for p in c.demux(c.streams.video[0]):
+                if p.pts is None or p.size == 0: continue
+                if top is not None and p.pts < top: reordered = True; break
+                top = p.pts if top is None else max(top, p.pts)
+        known = (reordered,)
+        _remember(key, known)
+    return known[0]
+
+class TorchCodecReader(VideoReader):
+    "Read a video file with TorchCodec (`get_frames_at`, exact seeking); resize after decoding; `device='cuda'` decodes on the GPU."
+    def __init__(self, path, name=None, short_side=None, size=None, num_threads:int=1, fallback:bool=False, device=None):
+        super().__init__(path, name, short_side, size, num_threads)
+        self.device, self._fallback_ok, self._fallback = device, fallback, None
+        if _torchcodec() is None:
+            raise VideoDecodeError(self.name, "torchcodec is not installed, or FFmpeg's shared libraries it needs are missing "
+                                   "(pip install torchcodec; apt-get install ffmpeg)")
+        try:
+            if _avi_reordered(self.path):
+                raise VideoDecodeError(self.name, "torchcodec cannot index this file's frames (B-frames in AVI: its packets are "
+                                       "out of presentation order) and would return wrong frames: use backend='pyav'")
+            m = self._get_handle().metadata
+            n, hdr = m.num_frames_from_content or m.num_frames, m.num_frames_from_header
+            if not n: raise VideoDecodeError(self.name, "the video stream has no frames")
+            if fallback and hdr and n < hdr:
+                raise VideoDecodeError(self.name, f"the header lists {hdr} frames but torchcodec finds {n}: "
+                                       "the file looks truncated and its last frame may be damaged")
+            self.num_frames, self.src_height, self.src_width = int(n), int(m.height), int(m.width)
+            self.height, self.width = _out_size(self.src_height, self.src_width, short_side, size)
+            fps = m.average_fps
+            self.fps = float(fps) if fps and math.isfinite(fps) and fps > 0 else None
+        except VideoDecodeError: self.close(); raise
+        except Exception as e:
+            self.close()
+            raise VideoDecodeError(self.name, f"torchcodec cannot read it: {type(e).__name__}: {_tc_short(e)}") from e
+
+    @property
+    def backend(self): return 'torchcodec' if self._fallback is None else self._fallback.backend
+
+    def _open(self):
+        return _torchcodec()(str(self.path), seek_mode='exact', num_ffmpeg_threads=self.num_threads,
+                             dimension_order='NCHW', device=self.device)
+
+    def _close(self, dec): del dec
+
+    def _read(self, idx):
+        if self._fallback is not None: return self._fallback._read(idx)
+        try: x = self._get_handle().get_frames_at(idx.tolist()).data
+        except Exception as e:
+            if not self._fallback_ok: raise VideoDecodeError(self.name, f"torchcodec could not decode frames {_fmt_idx(idx)}: {_tc_short(e)}") from e
+            try:
+                fb = PyAVReader(self.path, self.name, self.short_side, self.size, self.num_threads)
+                frames = fb._read(idx)
+            except Exception as e2:
+                raise VideoDecodeError(self.name, f"torchcodec could not decode frames {_fmt_idx(idx)} ({type(e).__name__}: "
+                                       f"{_tc_short(e)}), nor could PyAV ({_short(e2)})") from e2
+            self.close()
+            self._fallback = fb
+            return frames
+        if tuple(x.shape[-2:]) != (self.height, self.width):   # one resize call for the whole clip
+            from torchvision.transforms.v2.functional import resize
+            x = resize(x, [self.height, self.width], antialias=True)
+        return x
+
 # %% ../nbs/01_io.ipynb #c025
 def _tmpl_regex(tmpl:str):
     "A regex matching the names `tmpl.format(k)` can produce, with `k` as group 1."
@@ -383,6 +503,18 @@ class FrameFolderReader(VideoReader):
         super().__init__(path, name, short_side, size)
         self.filename_tmpl, self.start_index, self.fps = filename_tmpl, start_index, fps
         rx = _tmpl_regex(filename_tmpl)
+        try: key = ('frames', str(self.path), os.stat(self.path).st_mtime_ns, filename_tmpl, start_index)
+        except OSError as e: raise VideoDecodeError(self.name, f"cannot list the frame folder: {e}") from e
+        known = _known(key)   # a folder listed before in this process, unchanged since (adding/removing a file changes its mtime)
+        if known is None:
+            known = (self._count(rx), *self._header(0))
+            _remember(key, known)
+        self.num_frames, self.src_height, self.src_width = known
+        self.height, self.width = _out_size(self.src_height, self.src_width, short_side, size)
+
+    def _count(self, rx) -> int:
+        "The number of frame files, after checking that their numbering has no gaps."
+        filename_tmpl, start_index = self.filename_tmpl, self.start_index
         try: names = os.listdir(self.path)
         except OSError as e: raise VideoDecodeError(self.name, f"cannot list the frame folder: {e}") from e
         nums = set()
@@ -400,36 +532,50 @@ class FrameFolderReader(VideoReader):
             miss = ', '.join(filename_tmpl.format(k) for k in missing[:3]) + (', ...' if len(missing) > 3 else '')
             raise VideoDecodeError(self.name, f"rawframe folder has {len(missing)} missing frame(s): {miss} "
                                    f"({len(nums)} files match {filename_tmpl!r}, numbered up to {filename_tmpl.format(hi)})")
-        self.num_frames = len(nums)
-        first = self._load(0)
-        self.src_height, self.src_width = first.shape[-2:]
-        self.height, self.width = _out_size(self.src_height, self.src_width, short_side, size)
+        return len(nums)
+
+    def _header(self, i) -> tuple:
+        "`(height, width)` of frame `i`'s image, from its header (no decoding)."
+        from PIL import Image
+        fn = self.frame_path(i)
+        try:
+            with Image.open(fn) as im: return im.height, im.width
+        except Exception as e:
+            reason = 'file is missing' if not fn.exists() else f"{type(e).__name__}: {_short(e)}"
+            raise VideoDecodeError(self.name, f"frame {int(i)}: cannot read {fn.name}: {reason}") from e
 
     def frame_path(self, i:int) -> Path:
         "The file holding frame `i` (0-based)."
         return self.path / self.filename_tmpl.format(int(i) + self.start_index)
 
-    def _load(self, i) -> torch.Tensor:
+    def _load(self, i, reduce:bool=False) -> torch.Tensor:
+        "Frame `i` as uint8 `(C, H, W)`; with `reduce`, a JPEG is decoded at the smallest 1/2, 1/4 or 1/8 scale that is still at least the output size."
         from PIL import Image   # torchvision's image decoding is deprecated since 0.29
         fn = self.frame_path(i)
         try:
-            with Image.open(fn) as im: return torch.from_numpy(np.asarray(im.convert('RGB')).copy()).permute(2, 0, 1)
+            with Image.open(fn) as im:
+                if (im.height, im.width) != (self.src_height, self.src_width):
+                    raise VideoDecodeError(self.name, f"frame images differ in size: {fn.name} is {im.height}x{im.width}, "
+                                           f"frame 0 is {self.src_height}x{self.src_width}")
+                if reduce: im.draft('RGB', (self.width, self.height))   # JPEG's own scaled decoding (DCT), like decord's
+                return torch.from_numpy(np.array(im if im.mode == 'RGB' else im.convert('RGB'))).permute(2, 0, 1)
+        except VideoDecodeError: raise
         except Exception as e:
             reason = 'file is missing' if not fn.exists() else f"{type(e).__name__}: {_short(e)}"
             raise VideoDecodeError(self.name, f"frame {int(i)}: cannot read {fn.name}: {reason}") from e
 
     def _read(self, idx):
-        imgs = [self._load(i) for i in idx]
-        shapes = {tuple(im.shape) for im in imgs}
-        if len(shapes) > 1: raise VideoDecodeError(self.name, f"frame images differ in size: {sorted(shapes)}")
-        x = torch.stack(imgs)
-        if tuple(x.shape[-2:]) != (self.height, self.width):
+        reduce = (self.height, self.width) != (self.src_height, self.src_width)
+        x = torch.stack([self._load(i, reduce) for i in idx])
+        if tuple(x.shape[-2:]) != (self.height, self.width):   # one resize call for the whole clip
             from torchvision.transforms.v2.functional import resize
             x = resize(x, [self.height, self.width], antialias=True)
         return x
 
 # %% ../nbs/01_io.ipynb #c028
-_BACKENDS = ('auto', 'decord', 'pyav', 'frames')
+_BACKENDS = ('auto', 'torchcodec', 'decord', 'pyav', 'frames')
+# the order 'auto' tries the installed decoders in, fastest first as measured by `python -m vidkit.bench data`; PyAV comes last
+AUTO_BACKENDS = ['decord', 'torchcodec']
 
 def _is_url(src) -> bool:
     return isinstance(src, str) and src.split('://', 1)[0].lower() in ('http', 'https')
@@ -452,19 +598,29 @@ def _resolve(src, backend, cache_dir, timeout):
     return name, path
 
 def open_video(src, backend:str='auto', short_side:int|None=None, size=None, filename_tmpl:str='img_{:05}.jpg',
-               start_index:int=1, num_threads:int=1, fps:float|None=None, cache_dir=None, timeout:float=30.) -> VideoReader:
+               start_index:int=1, num_threads:int=1, fps:float|None=None, cache_dir=None, timeout:float=30.,
+               device=None) -> VideoReader:
     "Open a video file, rawframe folder or http(s) URL; returns a reader with `get_frames(indices) -> uint8 (T,C,H,W)`."
     _out_size(2, 2, short_side, size)   # argument errors first, as ValueError
+    gpu = device is not None and torch.device(device).type != 'cpu'
+    if gpu and backend not in ('auto', 'torchcodec'):
+        raise ValueError(f"decoding on {device} needs backend='torchcodec' (or 'auto'), not {backend!r}")
     name, path = _resolve(src, backend, cache_dir, timeout)
     if path.is_dir(): return FrameFolderReader(path, name, short_side, size, filename_tmpl, start_index, fps)
     kw = dict(name=name, short_side=short_side, size=size, num_threads=num_threads)
+    tc_kw = dict(kw, device=device)
     if backend == 'pyav': return PyAVReader(path, **kw)
     if backend == 'decord': return DecordReader(path, **kw)
+    if backend == 'torchcodec': return TorchCodecReader(path, **tc_kw)
     errors = []
-    if _decord() is not None:
-        try: return DecordReader(path, fallback=True, **kw)
-        except VideoDecodeError as e:
-            if not e.reason.startswith(_NO_HEADER): errors.append(e.reason)
+    for b in (['torchcodec'] if gpu else AUTO_BACKENDS):
+        if b == 'torchcodec' and _torchcodec() is not None:
+            try: return TorchCodecReader(path, fallback=True, **tc_kw)
+            except VideoDecodeError as e: errors.append(e.reason)
+        if b == 'decord' and _decord() is not None:
+            try: return DecordReader(path, fallback=True, **kw)
+            except VideoDecodeError as e:
+                if not e.reason.startswith(_NO_HEADER): errors.append(e.reason)
     try: return PyAVReader(path, **kw)
     except VideoDecodeError as e: errors.append(e.reason)
     raise VideoDecodeError(name, "not a readable video (damaged, truncated or not a video file): " + '; '.join(errors))
@@ -506,6 +662,7 @@ def probe(src, backend:str='auto', filename_tmpl:str='img_{:05}.jpg', start_inde
     if path.is_dir():
         r = FrameFolderReader(path, name, filename_tmpl=filename_tmpl, start_index=start_index, fps=fps)
     elif backend == 'decord': r = DecordReader(path, name)
+    elif backend == 'torchcodec': r = TorchCodecReader(path, name)
     else:
         try: return _probe_pyav(path, name)
         except VideoDecodeError as e:

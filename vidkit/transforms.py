@@ -339,6 +339,14 @@ class ColorJitter(RandTransform):
 IMAGENET_MEAN = tuple(imagenet_stats[0])
 IMAGENET_STD = tuple(imagenet_stats[1])
 
+class _one_thread:
+    "Run torch on one intra-op thread inside the block (restored afterwards)."
+    def __enter__(self):
+        self.n = torch.get_num_threads()
+        if self.n != 1: torch.set_num_threads(1)
+    def __exit__(self, *exc):
+        if self.n != 1: torch.set_num_threads(self.n)
+
 class Normalize(DisplayedTransform):
     "uint8 batch -> float `(x/255 - mean)/std` per channel (dim -3), on the batch's device; `decodes` gives floats in [0, 1]."
     order = 99
@@ -356,14 +364,18 @@ class Normalize(DisplayedTransform):
             raise ValueError(f"Normalize: the clip has {x.shape[-3]} channels at dim -3, mean/std have {len(self.mean)}")
         d = x.device
         if d not in self._stats:
-            self._stats[d] = tuple(torch.tensor(v, dtype=torch.float32, device=d).view(-1, 1, 1) for v in (self.mean, self.std))
+            m, s = (torch.tensor(v, dtype=torch.float32, device=d).view(-1, 1, 1) for v in (self.mean, self.std))
+            self._stats[d] = (m, s)
         return self._stats[d]
 
     def encodes(self, x:TensorClip):
         m, s = self._get(x)
         xt = _t(x)
-        xt = xt.float().div_(255) if not xt.dtype.is_floating_point else xt.float()
-        return retain_type((xt - m) / s, x)
+        if xt.dtype.is_floating_point: return retain_type((xt.float() - m) / s, x)
+        # one new float tensor, then in place (the same arithmetic as `(x/255 - m)/s`, without two temporary batches)
+        if xt.device.type != 'cpu': return retain_type(xt.to(torch.float32).div_(255).sub_(m).div_(s), x)
+        with _one_thread():   # on the CPU the DataLoader workers hold the cores: more threads here only spin and wait
+            return retain_type(xt.to(torch.float32).div_(255).sub_(m).div_(s), x)
 
     def decodes(self, x:TensorClip):
         m, s = self._get(x)
