@@ -64,7 +64,7 @@ def test_test_and_predict(synth, trained, tmp_path):
 @pytest.mark.parametrize('args, msg', [
     (['train', '--layout', 'list', '--data', '.'], '--train-list is required'),
     (['train', '--layout', 'hmdb51', '--data', '/nonexistent/hmdb'], '/nonexistent/hmdb: data folder not found'),
-    (['predict', 'missing.pth', 'a.mp4'], 'missing.pth: checkpoint not found'),
+    (['predict', 'missing.pth', 'a.mp4'], 'missing.pth: no such checkpoint'),
     (['run', 'missing.ipynb'], 'missing.ipynb: notebook not found'),
     (['check', 'missing_list.txt'], 'missing_list.txt'),
 ])
@@ -91,3 +91,54 @@ def test_prepare_and_bench_hand_on_their_arguments():
     assert r.returncode == 0 and 'hmdb51' in r.stdout
     r = run('bench', '--help')
     assert r.returncode == 0 and 'data' in r.stdout
+
+# --- every command line a tutorial or the README shows parses -------------------------------------------------------------
+import re, shlex
+ROOT = Path(__file__).resolve().parent.parent
+
+def _doc_texts():
+    "(where, text) of README.md and of every cell of the tutorials."
+    yield 'README.md', (ROOT / 'README.md').read_text()
+    for nb in sorted((ROOT / 'nbs' / 'tutorials').glob('*.ipynb')):
+        for i, c in enumerate(json.loads(nb.read_text())['cells']):
+            yield f'{nb.name} cell {i}', ''.join(c['source'])
+
+_START = re.compile(r'(?:^|[\s`(/])vidkit(?:\.cli)?\)?\s+(?=[a-z-])')
+
+def doc_command_lines():
+    "`(where, argv)` of each `vidkit ...` command in a code block or code span (`...` placeholders dropped)."
+    out = []
+    for where, text in _doc_texts():
+        text = re.sub(r'\\\n\s*', ' ', text)                         # shell line continuations
+        fence = False
+        for line in text.split('\n'):
+            if line.strip().startswith('```'): fence = not fence; continue
+            for s in ([line] if fence else re.findall(r'`([^`]+)`', line)):
+                for m in _START.finditer(s):
+                    rest = re.split(r'\s(?:&&|\||;|#)\s?|\)$', s[m.end():])[0]
+                    argv = [t for t in shlex.split(rest) if t not in ('...', '…')]
+                    if len(argv) >= 2 or (argv and argv[0].startswith('-')): out.append((where, argv))
+    return out
+
+def test_every_documented_command_line_parses():
+    from vidkit.cli import build_parser, _COMMANDS
+    from vidkit.prepare import build_prepare_parser
+    lines = doc_command_lines()
+    assert len(lines) >= 20 and any('--config' in a for _, a in lines if _ == 'README.md')
+    assert any(a[:1] == ['train'] and 'kinetics' in a for _, a in lines)                  # tutorial 08's --layout kinetics
+    for where, argv in lines:
+        try:
+            if argv[0] == 'prepare': build_prepare_parser().parse_args(argv[1:])
+            elif argv[0] in _COMMANDS and _COMMANDS[argv[0]][2]: continue                   # bench: parses its own
+            else: build_parser().parse_args(argv)
+        except SystemExit as e:
+            assert e.code == 0, f"{where}: `vidkit {' '.join(argv)}` does not parse"
+
+def test_tutorials_point_at_the_checkpoint_the_quickstart_writes():
+    "The quickstart writes `<out_dir>/models/best.pth`; tutorials 06 and 07 name that file."
+    qs = (ROOT / 'nbs' / 'tutorials' / '01_quickstart.ipynb').read_text()
+    assert "checkpoint=str(out/'models'/'best.pth')" in qs and "out_dir: str = 'runs/quickstart'" in qs
+    for nb in ('06_testing', '07_inference'):
+        text = (ROOT / 'nbs' / 'tutorials' / f'{nb}.ipynb').read_text()
+        paths = set(re.findall(r'runs/quickstart/[\w/.]+\.pth', text))
+        assert paths == {'runs/quickstart/models/best.pth'}, (nb, paths)

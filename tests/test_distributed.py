@@ -82,7 +82,7 @@ def test_two_ranks_each_train_on_half_the_data(run_a):
 
 def test_only_rank0_writes_one_set_of_files(run_a):
     work, _ = run_a
-    assert _files(work) == ['history.csv', 'metrics.json', 'models/best.pth', 'models/last.pth']   # no temp files
+    assert _files(work) == ['config.yaml', 'history.csv', 'metrics.json', 'models/best.pth', 'models/last.pth']   # no temp files
     rows = list(csv.reader((work / 'history.csv').read_text().splitlines()))
     assert rows[0][0] == 'epoch' and [row[0] for row in rows[1:]] == [str(e) for e in range(EPOCHS)]
     assert torch.load(work / 'models' / 'last.pth', weights_only=True)['epoch'] == EPOCHS
@@ -221,7 +221,7 @@ def test_srun_vidkit_train(synth, tmp_path):
     assert ranks[0]['pid'] != ranks[1]['pid']
     assert [x['train_items'] for x in ranks] == [9, 9] and [x['valid_items'] for x in ranks] == [5, 5]
     assert 'training on 2 processes (gloo, cpu)' in outs[0][0] and outs[1][0].count('wrote ') == 0
-    assert _files(work) == ['history.csv', 'metrics.json', 'models/best.pth', 'models/last.pth']
+    assert _files(work) == ['config.yaml', 'history.csv', 'metrics.json', 'models/best.pth', 'models/last.pth']
 
 
 SCRIPT = """

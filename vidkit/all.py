@@ -24,6 +24,7 @@ from .pretrain import *
 from .batch import *
 from .widgets import *
 from .localization import *
+from .config import *
 
 # %% ../nbs/99_all.ipynb #c004
 # every public name imported above (nbdev's own `__all__` for this module lists only names defined here: none)

@@ -11,8 +11,8 @@ from pathlib import Path
 from .core import VideoDecodeError, AnnotationError
 
 # %% auto #0
-__all__ = ['LAYOUTS', 'command', 'synth', 'make_dls', 'train', 'test', 'predict', 'check', 'models', 'zoo', 'run', 'sweep',
-           'prepare', 'bench', 'features', 'localize', 'build_parser', 'main']
+__all__ = ['command', 'synth', 'recipe_from_args', 'make_dls', 'train', 'test', 'predict', 'check', 'models', 'zoo', 'run',
+           'sweep', 'prepare', 'bench', 'features', 'localize', 'build_parser', 'main']
 
 # %% ../nbs/14_cli.ipynb #c004
 _COMMANDS = {}
@@ -40,67 +40,87 @@ def synth(args):
 synth.add_args = _synth_args
 
 # %% ../nbs/14_cli.ipynb #c008
-LAYOUTS = ('synth', 'list', 'rawframes', 'folder', 'hmdb51', 'ucf101')
+from .config import LAYOUTS
+
+# flag (argparse dest) -> recipe key: `--bs 4`, `--set data.bs=4` and `bs: 4` in a config file are the same thing
+_FLAG_KEYS = dict(layout='data.layout', data='data.root', train_list='data.train_list', val_list='data.valid_list',
+                  classes='data.classes', split='data.split', valid_pct='data.valid_pct', frames='data.frames',
+                  size='data.size', bs='data.bs', workers='data.num_workers', flip='data.flip', seed='seed',
+                  arch='learner.arch', pretrained='learner.pretrained', fc_lr5='learner.fc_lr5', load_from='load_from',
+                  resume_from='resume_from', work_dir='work_dir', epochs='fit.epochs', lr='fit.lr',
+                  auto_scale_lr='fit.auto_scale_lr', base_batch_size='fit.base_batch_size',
+                  num_clips='test.num_clips', num_crops='test.num_crops', average='test.average', out='test.out')
+
+def _config_args(p):
+    g = p.add_argument_group('recipe')
+    g.add_argument('--config', type=Path, default=None, help='a YAML recipe (the keys of vidkit.config.Recipe); flags and --set override it')
+    g.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
+                   help="set one recipe key, e.g. fit.lr=0.01 or data.sampler.num_clips=4 (repeatable)")
+    g.add_argument('--import', dest='imports', action='append', default=[], metavar='MODULE',
+                   help='import this module (or .py file) first, for the models, losses, samplers, transforms it registers (repeatable)')
+    g.add_argument('--print-config', action='store_true', help='print the resolved recipe as YAML and exit')
 
 def _data_args(p, train:bool=True):
     g = p.add_argument_group('data')
-    g.add_argument('--layout', choices=LAYOUTS, default='synth', help='how the dataset is laid out (default: synth)')
-    g.add_argument('--data', type=Path, required=True, help='dataset root folder')
-    g.add_argument('--train-list', type=Path, help='list file of the training split (layouts list/rawframes)')
-    g.add_argument('--val-list', type=Path, help='list file of the validation split (layouts list/rawframes)')
+    g.add_argument('--layout', choices=LAYOUTS, default=None, help='how the dataset is laid out (default: synth)')
+    g.add_argument('--data', type=Path, default=None, help='dataset root folder (data.root)')
+    g.add_argument('--train-list', type=Path, help='list file of the training split (layouts list/rawframes; kinetics/ssv2: instead of the prepared one)')
+    g.add_argument('--val-list', type=Path, help='list file of the validation split (layouts list/rawframes; kinetics/ssv2: instead of the prepared one)')
     g.add_argument('--classes', type=Path, help='class names, one per line (layouts list/rawframes)')
-    g.add_argument('--split', type=int, default=1, help='official split number (hmdb51/ucf101)')
+    g.add_argument('--split', type=int, default=None, help='official split number (hmdb51/ucf101; default 1)')
     g.add_argument('--valid-pct', type=float, default=None, help='validation fraction (folder layout without train/valid)')
-    g.add_argument('--frames', type=int, default=8, help='segments per clip (2D models) or clip length (3D models)')
-    g.add_argument('--size', type=int, default=112, help='crop size in pixels')
-    g.add_argument('--bs', type=int, default=8, help='batch size')
+    g.add_argument('--frames', type=int, default=None, help='segments per clip (2D models) or clip length (3D models); default 8')
+    g.add_argument('--size', type=int, default=None, help='crop size in pixels (default 112)')
+    g.add_argument('--bs', type=int, default=None, help='batch size (default 8)')
     g.add_argument('--workers', type=int, default=None, help='DataLoader workers (default: up to 2)')
-    g.add_argument('--seed', type=int, default=0, help='random seed')
+    g.add_argument('--no-flip', dest='flip', action='store_false', default=None, help='no random horizontal flips (data.flip: false)')
+    g.add_argument('--seed', type=int, default=None, help='random seed (default 0)')
 
-def _need(p:Path|None, what:str, flag:str):
-    if p is None: raise ValueError(f"{flag} is required for this layout ({what})")
-    if not Path(p).exists(): raise FileNotFoundError(f"{p}: {what} not found")
-    return p
+def _flags(args) -> dict:
+    "`{recipe key: (value, '--flag')}` of the flags given on the command line."
+    out = {}
+    for dest, key in _FLAG_KEYS.items():
+        v = getattr(args, dest, None)
+        if v is None: continue
+        out[key] = (str(v) if isinstance(v, Path) else v, '--' + dest.replace('_', '-'))
+    return out
+
+def recipe_from_args(args, base=None, command:str='train', check:bool=True, base_where:str|None=None):
+    "The `Recipe` of a command line: `--config` (else `base`, called `base_where` in errors), then the flags, then `--set`, then `--import`."
+    from vidkit.config import resolve_recipe
+    src = getattr(args, 'config', None) or base
+    r = resolve_recipe(src, _flags(args), getattr(args, 'set', None), where=base_where, check=check,
+                       imports=getattr(args, 'imports', None) or (), command=command)
+    if r.work_dir is None: r.work_dir = str(Path('work_dirs')/r.learner.arch)
+    return r
 
 def make_dls(args, sampler=None):
-    "The `VideoDataLoaders` that `--layout`/`--data` and the recipe options describe."
-    from vidkit.data import VideoDataLoaders
-    kw = dict(size=args.size, bs=args.bs, num_workers=args.workers, seed=args.seed)
-    if sampler is not None: kw['sampler'] = sampler
-    root, layout = Path(args.data), args.layout
-    if layout != 'synth' and not root.exists(): raise FileNotFoundError(f"{root}: data folder not found")
-    if layout == 'synth': return VideoDataLoaders.from_synthetic(root, seed=args.seed, **{k: v for k, v in kw.items() if k != 'seed'})
-    if layout in ('list', 'rawframes'):
-        return VideoDataLoaders.from_lists(_need(args.train_list, 'training list', '--train-list'),
-                                           _need(args.val_list, 'validation list', '--val-list'), data_root=root,
-                                           classes=args.classes, rawframes=layout == 'rawframes', **kw)
-    if layout == 'folder': return VideoDataLoaders.from_folder(root, valid_pct=args.valid_pct, **kw)
-    if layout == 'hmdb51': return VideoDataLoaders.from_hmdb51(root, split=args.split, **kw)
-    return VideoDataLoaders.from_ucf101(root, split=args.split, **kw)
+    "The `VideoDataLoaders` that `--layout`/`--data`, the recipe options, `--config` and `--set` describe."
+    from vidkit.config import build_dls
+    return build_dls(recipe_from_args(args), sampler=sampler)
 
 def _sampler_for(arch:str, frames:int):
     "Training sampler for `arch`: `frames` segments for 2D models, one `frames`-long clip for 3D models."
-    from vidkit.models import create_video_model
-    from vidkit.sampling import SampleFrames
-    cfg = create_video_model(arch, 2, pretrained=None, **({'num_segments': frames} if arch.startswith(('tsn', 'tsm')) else {})).default_cfg
-    if cfg.get('kind') == '3d': return SampleFrames(clip_len=frames, frame_interval=cfg.get('frame_interval', 1) or 1, num_clips=1)
-    return SampleFrames(clip_len=1, num_clips=frames)
+    from vidkit.config import default_sampler
+    return default_sampler(arch or 'tsm_r18', frames or 8)
 
 # %% ../nbs/14_cli.ipynb #c010
 def _train_args(p):
-    p.add_argument('--arch', default='tsm_r18', help='model name (see `vidkit models`; default tsm_r18)')
+    p.add_argument('--arch', default=None, help='model name (see `vidkit models`; default tsm_r18)')
+    _config_args(p)
     _data_args(p)
-    p.add_argument('--epochs', type=int, default=5, help='training epochs')
+    p.add_argument('--epochs', type=int, default=None, help='training epochs (default 5)')
     p.add_argument('--lr', type=float, default=None, help='learning rate (default: 1e-3, or 2e-3 base lr when finetuning)')
     p.add_argument('--pretrained', default=None, metavar='WEIGHTS',
                    help="finetune from these weights: a zoo name or tag ('tsm_r18.synth', 'kinetics400'; see `vidkit models "
                         "--pretrained`), 'default' for the model's default weights, or a file or URL")
     p.add_argument('--load-from', type=Path, default=None, help='start from these weights (vidkit/torchvision/MMAction2 file or URL)')
-    p.add_argument('--resume', action='store_true', help='continue the run in --work-dir from models/last.pth')
-    p.add_argument('--fc-lr5', action='store_true', help="MMAction2's TSM parameter groups (5x/10x lr for the head)")
+    p.add_argument('--resume', action='store_true', help="continue the run in --work-dir from models/last.pth, with the work dir's config.yaml")
+    p.add_argument('--resume-from', type=Path, default=None, metavar='CKPT', help='continue the run saved in this checkpoint (with its recipe)')
+    p.add_argument('--fc-lr5', action='store_true', default=None, help="MMAction2's TSM parameter groups (5x/10x lr for the head)")
     p.add_argument('--work-dir', type=Path, default=None, help='output folder (default work_dirs/<arch>)')
     p.add_argument('--no-bar', action='store_true', help='no progress bars (the default when output is not a terminal)')
-    p.add_argument('--auto-scale-lr', action='store_true',
+    p.add_argument('--auto-scale-lr', action='store_true', default=None,
                    help='scale the learning rate by (processes x --bs) / --base-batch-size (linear scaling rule, as MMAction2)')
     p.add_argument('--base-batch-size', type=int, default=None,
                    help='total batch size the learning rate is meant for, with --auto-scale-lr (default: --bs)')
@@ -118,80 +138,105 @@ def train(args):
     if info.distributed: end_distributed(res)
     return res
 
-def _train(args, info):
-    from fastai.callback.progress import CSVLogger
-    from vidkit.learner import video_learner, CheckpointCallback
-    from vidkit.distributed import main_process_first, scale_lr, gather_object
-    say = print if info.is_main else (lambda *a, **k: None)
-    work = Path(args.work_dir or Path('work_dirs')/args.arch)
-    if args.load_from is not None and not str(args.load_from).startswith(('http://', 'https://')) and not Path(args.load_from).exists():
-        raise FileNotFoundError(f"{args.load_from}: --load-from checkpoint not found")
-    if args.load_from is not None and args.pretrained is not None: raise ValueError("give --pretrained or --load-from, not both")
-    pretrained = args.load_from if args.pretrained is None else True if args.pretrained == 'default' else args.pretrained
-    if args.base_batch_size is not None and not args.auto_scale_lr: raise ValueError("--base-batch-size is used with --auto-scale-lr")
-    with main_process_first():                         # rank 0 writes the dataset / downloads weights, then the others
-        dls = make_dls(args, sampler=_sampler_for(args.arch, args.frames))
-        learn = video_learner(dls, args.arch, pretrained=pretrained, fc_lr5=args.fc_lr5, path=work)
-    work.mkdir(parents=True, exist_ok=True)
-    lr = args.lr or (1e-3 if pretrained is None else 2e-3)
-    if args.auto_scale_lr:
-        base = args.base_batch_size or args.bs
-        lr, lr0 = scale_lr(lr, args.bs, info.world_size, base), lr
-        say(f'auto-scale-lr: {lr0:g} x ({info.world_size} processes x bs {args.bs}) / base batch {base} = {lr:g}')
-    # not append=True on --resume: the resumed fit replays the finished epochs' records, so the file is rewritten whole
-    cbs = [CheckpointCallback(), CSVLogger(fname='history.csv')]
+def _train_recipe(args):
+    "The recipe of `vidkit train`: with --resume the work dir's config.yaml is the base, with --resume-from the checkpoint's recipe."
+    from vidkit.config import recipe_of
+    base = None
     if args.resume:
+        if args.resume_from is not None: raise ValueError("give --resume (the work dir's last checkpoint) or --resume-from CKPT, not both")
+        work = Path(args.work_dir) if args.work_dir else None
+        if work is None and args.config is None: work = Path('work_dirs')/(args.arch or 'tsm_r18')
+        if work is None: work = Path(recipe_from_args(args, check=False).work_dir)
         last = work/'models'/'last.pth'
         if not last.exists(): raise FileNotFoundError(f"{last}: nothing to resume (no checkpoint in --work-dir)")
-        done = learn.resume('last')                    # on every process
-        say(f'resuming after epoch {done} from {last}')
+        if (work/'config.yaml').exists(): base = work/'config.yaml'
+        args.resume_from = last
+    elif args.resume_from is not None and args.config is None:
+        if not Path(args.resume_from).exists(): raise FileNotFoundError(f"{args.resume_from}: --resume-from checkpoint not found")
+        base = recipe_of(args.resume_from)
+    return recipe_from_args(args, base=base, base_where=f'the recipe in {args.resume_from}' if isinstance(base, dict) else None)
+
+def _train(args, info):
+    import dataclasses
+    from vidkit.config import build_dls, build_learner, train_callbacks, fit_recipe, attach_recipe, save_recipe, _pretrained
+    from vidkit.distributed import main_process_first, scale_lr, gather_object
+    say = print if info.is_main else (lambda *a, **k: None)
+    r = _train_recipe(args)
+    if args.print_config:
+        if info.is_main: print(r.to_yaml(), end='')
+        return 0
+    work, pretrained, bs = Path(r.work_dir), _pretrained(r), r.data.bs
+    saved = dataclasses.replace(r, resume_from=None)   # how the run is made; where it continues from is not part of it
+    with main_process_first():                         # rank 0 writes the dataset / downloads weights, then the others
+        dls = attach_recipe(build_dls(r), saved)
+        learn = build_learner(r, dls, path=work)
+    work.mkdir(parents=True, exist_ok=True)
+    if info.is_main: save_recipe(saved, work/'config.yaml')
+    lr = r.fit.lr or (1e-3 if pretrained is None else 2e-3)
+    if r.fit.auto_scale_lr:
+        base = r.fit.base_batch_size or bs
+        lr, lr0 = scale_lr(lr, bs, info.world_size, base), lr
+        say(f'auto-scale-lr: {lr0:g} x ({info.world_size} processes x bs {bs}) / base batch {base} = {lr:g}')
+    # not append=True on resume: the resumed fit replays the finished epochs' records, so the file is rewritten whole
+    cbs = train_callbacks(r)
+    if r.resume_from is not None:
+        done = learn.resume(Path(r.resume_from))       # on every process
+        say(f'resuming after epoch {done} from {r.resume_from}')
     if info.distributed: say(f'training on {info.world_size} processes ({info.backend}, {info.device.split(":")[0]})')
-    with _bar_ctx(learn, args), learn.distrib_ctx_auto():
-        if pretrained is None: learn.fit_one_cycle(args.epochs, lr, cbs=cbs)
-        else: learn.fine_tune(args.epochs, lr, cbs=cbs)
+    with _bar_ctx(learn, args), learn.distrib_ctx_auto(): fit_recipe(learn, r, lr=lr, cbs=cbs)
     names = [n for n in learn.recorder.metric_names[1:] if n != 'time']
     final = dict(zip(names, [float(v) for v in learn.recorder.log[1:len(names) + 1]]))
     ranks = gather_object(dict(rank=info.rank, local_rank=info.local_rank, node_rank=info.node_rank, host=info.host,
                                pid=info.pid, **getattr(learn, 'distrib_stats', {}))) if info.distributed else None
     if not info.is_main: return 0
-    out = dict(arch=args.arch, epochs=args.epochs, lr=lr, world_size=info.world_size, batch_size=args.bs,
-               total_batch_size=args.bs * info.world_size, metrics=final, checkpoint=str(work/'models'/'last.pth'),
-               best=str(work/'models'/'best.pth'), history=str(work/'history.csv'))
+    out = dict(arch=r.learner.arch, epochs=r.fit.epochs, lr=lr, world_size=info.world_size, batch_size=bs,
+               total_batch_size=bs * info.world_size, metrics=final, checkpoint=str(work/'models'/'last.pth'),
+               best=str(work/'models'/'best.pth'), history=str(work/'history.csv'), config=str(work/'config.yaml'))
     if ranks is not None: out['distributed'] = dict(backend=info.backend, device=info.device.split(':')[0], ranks=ranks)
     (work/'metrics.json').write_text(json.dumps(out, indent=2))
     print(json.dumps(final))
-    print(f'wrote {work/"models"/"last.pth"}, {work/"models"/"best.pth"}, {work/"history.csv"}, {work/"metrics.json"}')
+    print(f'wrote {work/"models"/"last.pth"}, {work/"models"/"best.pth"}, {work/"history.csv"}, {work/"metrics.json"}, {work/"config.yaml"}')
 train.add_args = _train_args
 
 # %% ../nbs/14_cli.ipynb #c012
 def _test_args(p):
-    p.add_argument('checkpoint', help='a vidkit checkpoint (.pth), exported learner (.pkl) or zoo weights name')
+    p.add_argument('checkpoint', nargs='?', default=None,
+                   help="a vidkit checkpoint (.pth), exported learner (.pkl) or zoo weights name (default: test.checkpoint, "
+                        "or the recipe's <work_dir>/models/best.pth)")
+    _config_args(p)
     _data_args(p)
-    p.add_argument('--num-clips', type=int, default=1, help='clips per video')
-    p.add_argument('--num-crops', type=int, default=1, choices=(1, 3, 10), help='crops per clip')
-    p.add_argument('--average', choices=('prob', 'score'), default='prob', help='average probabilities or raw scores')
+    p.add_argument('--work-dir', type=Path, default=None, help='the run whose models/best.pth to test when no checkpoint is given')
+    p.add_argument('--num-clips', type=int, default=None, help='clips per video (default 1)')
+    p.add_argument('--num-crops', type=int, default=None, choices=(1, 3, 10), help='crops per clip (default 1)')
+    p.add_argument('--average', choices=('prob', 'score'), default=None, help='average probabilities or raw scores (default prob)')
     p.add_argument('--out', type=Path, default=None, help='save per-video results here (.npz)')
 
 @command('test', 'test a checkpoint with many clips and crops per video; prints top-1/top-5/mean-class accuracy')
 def test(args):
     from fastai.learner import Learner
     from fastai.losses import CrossEntropyLossFlat
+    from vidkit.config import build_dls, recipe_of, import_modules
     from vidkit.data import sampler_from_cfg
     from vidkit.inference import load_recognizer
     from vidkit.learner import evaluate_views
-    rec = load_recognizer(args.checkpoint)
+    base = recipe_of(args.checkpoint) if args.checkpoint and args.config is None else None
+    r = recipe_from_args(args, base=base, command='test', base_where=f'the recipe in {args.checkpoint}' if base else None)
+    if args.print_config: print(r.to_yaml(), end=''); return 0
+    ckpt = args.checkpoint or r.test.checkpoint or str(Path(r.work_dir)/'models'/'best.pth')
+    rec = load_recognizer(ckpt)
     cfg = rec.data_cfg or {}
     sampler = sampler_from_cfg(cfg['sampler']).with_test_mode(False) if cfg.get('sampler') else None
-    if cfg.get('size'): args.size = cfg['size']
-    dls = make_dls(args, sampler=sampler)
+    if cfg.get('size'): r.data.size = int(cfg['size'])
+    dls = build_dls(r, sampler=sampler)
     if list(dls.vocab) != list(rec.vocab or dls.vocab):
-        raise ValueError(f"{args.checkpoint}: the checkpoint's classes ({len(rec.vocab)}) differ from the dataset's ({len(dls.vocab)})")
+        raise ValueError(f"{ckpt}: the checkpoint's classes ({len(rec.vocab)}) differ from the dataset's ({len(dls.vocab)})")
     if cfg: dls.data_cfg = {**dls.data_cfg, **{k: v for k, v in cfg.items() if k != 'vocab'}}
     learn = Learner(dls, rec.model, loss_func=CrossEntropyLossFlat())
-    res = evaluate_views(learn, dls.valid_ds.records, num_clips=args.num_clips, num_crops=args.num_crops,
-                         average=args.average, out=args.out, num_workers=args.workers or 0)
+    t = r.test
+    res = evaluate_views(learn, dls.valid_ds.records, num_clips=t.num_clips, num_crops=t.num_crops,
+                         average=t.average, out=t.out, num_workers=r.data.num_workers or 0)
     print(json.dumps({k: float(v) for k, v in res.metrics.items()}))
-    if args.out: print(f'wrote {args.out}')
+    if t.out: print(f'wrote {t.out}')
 test.add_args = _test_args
 
 # %% ../nbs/14_cli.ipynb #c014
@@ -200,11 +245,30 @@ def _predict_args(p):
     p.add_argument('videos', nargs='+', help='video files, rawframe folders or http(s) URLs')
     p.add_argument('--topk', type=int, default=5, help='how many labels to print per video')
     p.add_argument('--json', action='store_true', help='print one JSON object per video')
+    p.add_argument('--import', dest='imports', action='append', default=[], metavar='MODULE',
+                   help='import this module (or .py file) first: a checkpoint of a model or sampler it registers needs it (repeatable)')
+
+def _load_recognizer(ckpt, imports):
+    "`load_recognizer` after `--import`; an unknown registered name says which modules the checkpoint was trained with."
+    from vidkit.config import import_modules, recipe_of
+    from vidkit.inference import load_recognizer
+    from vidkit.data import sampler_from_cfg
+    import_modules(imports, key='--import')
+    try:
+        rec = load_recognizer(ckpt)
+        if (rec.data_cfg or {}).get('sampler'): sampler_from_cfg(rec.data_cfg['sampler'])    # a registered sampler of its own?
+        return rec
+    except ValueError as e:
+        if 'unknown' not in str(e): raise
+        try: used = (recipe_of(ckpt) or {}).get('imports') or []
+        except Exception: used = []
+        missing = [m for m in used if m not in imports]
+        if not missing: raise
+        raise ValueError(f"{e}; the checkpoint was trained with --import {' --import '.join(missing)}: pass the same") from e
 
 @command('predict', 'predict the top-k labels of videos, frame folders or URLs with a trained model')
 def predict(args):
-    from vidkit.inference import load_recognizer
-    rec = load_recognizer(args.checkpoint)
+    rec = _load_recognizer(args.checkpoint, args.imports)
     for v in args.videos:
         top = rec.predict(v, topk=args.topk)
         if args.json: print(json.dumps(dict(video=v, predictions=[[l, float(s)] for l, s in top])))

@@ -4,7 +4,7 @@
 
 # %% ../nbs/06_data.ipynb #c003
 from __future__ import annotations
-import dataclasses, os
+import dataclasses, difflib, fnmatch, os
 from pathlib import Path
 import numpy as np
 import torch
@@ -22,20 +22,40 @@ from .datasets import (VideoRecord, VideoDataset, RepeatDataset, read_clip, read
                              read_folder, read_hmdb51, read_ucf101)
 
 # %% auto #0
-__all__ = ['sampler_to_cfg', 'sampler_from_cfg', 'build_test_pipeline', 'default_train_tfms', 'VideoDataLoaders', 'show_batch',
-           'show_clip', 'ReadClip', 'VideoBlock']
+__all__ = ['register_sampler', 'list_samplers', 'sampler_to_cfg', 'sampler_from_cfg', 'build_test_pipeline', 'default_train_tfms',
+           'VideoDataLoaders', 'show_batch', 'show_clip', 'ReadClip', 'VideoBlock']
 
 # %% ../nbs/06_data.ipynb #c006
-_SAMPLERS = {c.__name__: c for c in (SampleFrames, DenseSampleFrames, UntrimmedSampleFrames)}
+_SAMPLERS = {}        # registered name -> sampler class
+
+def register_sampler(name=None):
+    "Decorator: register a sampler class (a frozen dataclass like `SampleFrames`, with `with_test_mode`) as `name` (default: its class name)."
+    if isinstance(name, type): return register_sampler()(name)        # @register_sampler without a name
+    def deco(cls):
+        _SAMPLERS[name or cls.__name__] = cls
+        return cls
+    return deco
+
+def list_samplers(pattern:str|None=None) -> list:
+    "Registered sampler names, optionally filtered by a shell pattern."
+    names = sorted(_SAMPLERS)
+    return names if pattern is None else [n for n in names if fnmatch.fnmatch(n, pattern)]
+
+for _c in (SampleFrames, DenseSampleFrames, UntrimmedSampleFrames): register_sampler(_c)
 
 def sampler_to_cfg(sampler) -> dict:
-    "A JSON-able description of `sampler` (`{'type': 'SampleFrames', 'clip_len': 1, ...}`)."
-    return {'type': type(sampler).__name__, **dataclasses.asdict(sampler)}
+    "A JSON-able description of `sampler` (`{'type': 'SampleFrames', 'clip_len': 1, ...}`); `type` is its registered name."
+    name = next((n for n, c in _SAMPLERS.items() if c is type(sampler)), type(sampler).__name__)
+    return {'type': name, **dataclasses.asdict(sampler)}
 
 def sampler_from_cfg(cfg:dict):
-    "Rebuild a sampler from `sampler_to_cfg`'s dict."
+    "Rebuild a sampler from `sampler_to_cfg`'s dict; `type` names a registered sampler."
     cfg = dict(cfg); name = cfg.pop('type')
-    if name not in _SAMPLERS: raise ValueError(f"unknown sampler type {name!r}; known: {', '.join(_SAMPLERS)}")
+    if name not in _SAMPLERS:
+        close = difflib.get_close_matches(str(name), list(_SAMPLERS), n=3, cutoff=0.5)
+        raise ValueError(f"unknown sampler {name!r}" + (f"; did you mean {' or '.join(map(repr, close))}?" if close else '')
+                         + f" (registered: {', '.join(_SAMPLERS)}; register your own with vidkit.data.register_sampler, "
+                         "in a module imported before it is named)")
     return _SAMPLERS[name](**cfg)
 
 # %% ../nbs/06_data.ipynb #c009
@@ -131,13 +151,14 @@ class VideoDataLoaders(DataLoaders):
 
 # %% ../nbs/06_data.ipynb #c018
 @patch(cls_method=True)
-def from_lists(cls:VideoDataLoaders, train_list, valid_list, data_root=None, classes=None, rawframes:bool=False, **kwargs):
+def from_lists(cls:VideoDataLoaders, train_list, valid_list, data_root=None, classes=None, rawframes:bool=False,
+               valid_data_root=None, multi_label:bool=False, **kwargs):
     "DataLoaders from MMAction2 list files: `path label` videos, or `frame_dir total_frames label` with `rawframes=True`."
     read = read_rawframe_list if rawframes else read_video_list
     if isinstance(classes, (str, Path)): classes = Path(classes).read_text().split('\n')
     classes = [c for c in classes if c] if classes is not None else None
-    train, vocab = read(train_list, data_root=data_root, classes=classes)
-    valid, _ = read(valid_list, data_root=data_root, classes=vocab)
+    train, vocab = read(train_list, data_root=data_root, classes=classes, multi_label=multi_label)
+    valid, _ = read(valid_list, data_root=ifnone(valid_data_root, data_root), classes=vocab, multi_label=multi_label)
     return cls.from_records(train, valid, vocab, **kwargs)
 
 @patch(cls_method=True)
@@ -179,6 +200,23 @@ def from_synthetic(cls:VideoDataLoaders, root, n_per_class:int|None=None, seed:i
     lists = ('train_rawframes.txt', 'val_rawframes.txt') if rawframes else ('train_list.txt', 'val_list.txt')
     return cls.from_lists(root/lists[0], root/lists[1], data_root=root, classes=names, rawframes=rawframes,
                           seed=seed, path=root, **kwargs)
+
+@patch(cls_method=True)
+def from_kinetics(cls:VideoDataLoaders, root, version:int=400, rawframes:bool=False, train_list=None, valid_list=None,
+                  classes=None, **kwargs):
+    "DataLoaders from what `vidkit prepare kinetics` writes: `kinetics<V>_{train,val}_list_videos.txt` over `videos_{train,val}/`."
+    root, fmt, stem = Path(root), 'rawframes' if rawframes else 'videos', f'kinetics{version}'
+    return cls.from_lists(ifnone(train_list, root/f'{stem}_train_list_{fmt}.txt'), ifnone(valid_list, root/f'{stem}_val_list_{fmt}.txt'),
+                          data_root=root/f'{fmt}_train', valid_data_root=root/f'{fmt}_val', classes=ifnone(classes, root/f'{stem}_classes.txt'),
+                          rawframes=rawframes, path=root, **kwargs)
+
+@patch(cls_method=True)
+def from_ssv2(cls:VideoDataLoaders, root, rawframes:bool=False, train_list=None, valid_list=None, classes=None, **kwargs):
+    "DataLoaders from what `vidkit prepare ssv2` writes (`sthv2_{train,val}_list_videos.txt` over `videos/`); no flips unless given a `flip_label_map`."
+    root, fmt = Path(root), 'rawframes' if rawframes else 'videos'
+    if kwargs.get('flip_label_map') is None: kwargs.setdefault('flip', False)      # 'left to right' must not become 'right to left'
+    return cls.from_lists(ifnone(train_list, root/f'sthv2_train_list_{fmt}.txt'), ifnone(valid_list, root/f'sthv2_val_list_{fmt}.txt'),
+                          data_root=root/fmt, classes=ifnone(classes, root/'sthv2_classes.txt'), rawframes=rawframes, path=root, **kwargs)
 
 # %% ../nbs/06_data.ipynb #c022
 @dispatch

@@ -772,7 +772,7 @@ def _score_views(model, x, max_views:int, normalize=None) -> torch.Tensor:
         if normalize is not None and not chunk.dtype.is_floating_point: chunk = normalize(TensorClip(chunk))
         elif not chunk.dtype.is_floating_point:
             raise TypeError("evaluate_views: uint8 clips need the normalisation of the learner's data_cfg (mean, std), which is missing")
-        out.append(model(torch.as_tensor(chunk).float()).float().cpu())
+        out.append(model(torch.as_tensor(chunk).float()).float().cpu().as_subclass(torch.Tensor))   # plain logits, whatever the model returns
     return torch.cat(out).view(b, v, -1)
 
 def _deinterleave(x, n:int):
