@@ -17,6 +17,10 @@ def _png(p):
 
 def _frac(v): return isinstance(v, float) and 0 <= v <= 1
 
+# The tutorial's defaults, measured with seeds 0 and 1 (new videos and initialisation; bench_transfer runs the same):
+# finetuned 0.767 / 0.750 top-1 vs 0.233 / 0.133 from scratch, gains 0.53 / 0.62. The margins sit well below both.
+MIN_FINETUNE_GAIN, MIN_FINETUNE_TOP1 = 0.30, 0.60
+
 def _run(name, out, timeout=900, **params):
     r = run_notebook(NBS/f'{name}.ipynb', out, parameters=params or None, timeout=timeout, require_metrics=True)
     assert r.output.is_file() and r.out_dir == Path(out)
@@ -39,12 +43,15 @@ def test_parameters_cell(name):
 
 
 def test_finetune(tmp_path):
-    m = _run('02_finetune', tmp_path/'out')
-    assert m['layout'] == 'synth' and m['n_classes'] == 4 and m['n_train'] + m['n_valid'] == 4 * 16
-    assert m['loaded'] > 100 and any(k.startswith('head.fc') for k in m['skipped'])    # backbone loaded, old head skipped
-    assert _frac(m['source_accuracy']) and _frac(m['finetune_accuracy']) and _frac(m['scratch_accuracy'])
-    assert len(m['finetune_history']) == 3 and len(m['scratch_history']) == 4
-    assert Path(m['checkpoint']).is_file() and Path(m['pretrained']).is_file()
+    "The tutorial's claim: finetuning the offline weights beats the same budget from scratch on motions they never saw."
+    m = _run('02_finetune', tmp_path/'out', timeout=3600, min_gain=MIN_FINETUNE_GAIN)
+    # (the notebook itself fails below the margin; on a fresh machine its weights cell builds tsm_r18.synth first)
+    assert m['layout'] == 'synth' and m['n_classes'] == 6 and (m['n_train'], m['n_valid']) == (120, 60)
+    assert m['weights'] == 'tsm_r18.synth' and m['loaded'] > 100 and any(k.startswith('head.fc') for k in m['skipped'])
+    assert m['finetune_accuracy'] - m['scratch_accuracy'] >= MIN_FINETUNE_GAIN
+    assert m['finetune_accuracy'] >= MIN_FINETUNE_TOP1
+    assert len(m['finetune_history']) == 7 and len(m['scratch_history']) == 8
+    assert Path(m['checkpoint']).is_file()
     assert _png(tmp_path/'out'/'finetune_vs_scratch.png') and _png(tmp_path/'out'/'batch.png')
 
 
@@ -57,7 +64,7 @@ def test_finetune_list_layout(tmp_path):
     torch.save(create_video_model('tsm_r18', 5, num_segments=4).state_dict(), tmp_path/'w.pth')     # a plain state dict, 5 classes
     m = _run('02_finetune', tmp_path/'out', layout='list', data_root=str(data.root), pretrained=str(tmp_path/'w.pth'),
              epochs=1, compare_scratch=False)
-    assert m['classes'] == ['circle', 'square', 'stripes'] and m['source_accuracy'] is None and m['scratch_accuracy'] is None
+    assert m['classes'] == ['circle', 'square', 'stripes'] and m['weights'] is None and m['scratch_accuracy'] is None
     assert any(k.startswith('head.fc') for k in m['skipped']) and len(m['finetune_history']) == 1
 
 
