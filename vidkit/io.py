@@ -267,15 +267,7 @@ class DecordReader(VideoReader):
             return torch.from_numpy(arr).permute(0, 3, 1, 2)
         except Exception as e:
             if not self._fallback_ok: raise
-            try:
-                fb = PyAVReader(self.path, self.name, self.short_side, self.size, self.num_threads)
-                frames = fb._read(idx)
-            except Exception as e2:
-                raise VideoDecodeError(self.name, f"decord could not decode frames {_fmt_idx(idx)} ({type(e).__name__}: "
-                                       f"{_short(e)}), nor could PyAV ({_short(e2)})") from e2
-            self.close()
-            self._fallback = fb
-            return frames
+            return _pyav_fallback(self, idx, 'decord', e)
 
 def _short(e, n=300):
     "A one-line reason from exception `e` (FFmpeg errors without the path they repeat)."
@@ -395,6 +387,20 @@ class PyAVReader(VideoReader):
                                    f"after {n} of the {self.num_frames} frames the container lists (the file may be truncated)")
         return [out[i] for i in idx.tolist()]
 
+def _pyav_fallback(reader, idx, backend:str, err, short=None):
+    "Frames `idx` of `reader`'s file decoded by PyAV after `backend` failed with `err`; the reader goes on through PyAV."
+    short = short or _short
+    try:
+        fb = PyAVReader(reader.path, reader.name, reader.short_side, reader.size, reader.num_threads)
+        frames = fb._read(idx)
+    except Exception as e2:
+        raise VideoDecodeError(reader.name, f"{backend} could not decode frames {_fmt_idx(idx)} ({type(err).__name__}: "
+                               f"{short(err)}), nor could PyAV ({_short(e2)})") from e2
+    reader.close()
+    reader._fallback = fb
+    return frames
+
+
 # %% ../nbs/01_io.ipynb #c023b
 _TORCHCODEC = []
 
@@ -469,15 +475,7 @@ class TorchCodecReader(VideoReader):
         try: x = self._get_handle().get_frames_at(idx.tolist()).data
         except Exception as e:
             if not self._fallback_ok: raise VideoDecodeError(self.name, f"torchcodec could not decode frames {_fmt_idx(idx)}: {_tc_short(e)}") from e
-            try:
-                fb = PyAVReader(self.path, self.name, self.short_side, self.size, self.num_threads)
-                frames = fb._read(idx)
-            except Exception as e2:
-                raise VideoDecodeError(self.name, f"torchcodec could not decode frames {_fmt_idx(idx)} ({type(e).__name__}: "
-                                       f"{_tc_short(e)}), nor could PyAV ({_short(e2)})") from e2
-            self.close()
-            self._fallback = fb
-            return frames
+            return _pyav_fallback(self, idx, 'torchcodec', e, _tc_short)
         if tuple(x.shape[-2:]) != (self.height, self.width):   # one resize call for the whole clip
             from torchvision.transforms.v2.functional import resize
             x = resize(x, [self.height, self.width], antialias=True)

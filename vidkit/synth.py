@@ -359,16 +359,21 @@ def _n_valid(n, valid_pct):
     if valid_pct <= 0 or n < 2: return 0
     return min(max(int(round(n * valid_pct)), 1), n - 1)
 
+def _check_classes(classes) -> list:
+    "`classes` (default `SYNTH_CLASSES`) as a list, checked: known, distinct, not empty."
+    classes = list(SYNTH_CLASSES if classes is None else classes)
+    bad = [c for c in classes if c not in _ALL_CLASSES]
+    if bad: raise ValueError(f"unknown synthetic classes {bad}; choose from {list(_ALL_CLASSES)}")
+    if len(set(classes)) != len(classes) or not classes: raise ValueError(f"classes must be distinct and non-empty, got {classes}")
+    return classes
+
 def make_synthetic_dataset(root, n_per_class:int=20, size=(128, 160), num_frames=(24, 48), seed:int=0,
                            classes:Sequence[str]|None=None, valid_pct:float=0.25, rawframes:bool=True,
                            fps:int=25, gop_size:int=12, codec:str='libx264', crf:int=20, jpeg_quality:int=90,
                            n_workers:int|None=None) -> SynthDataset:
     "Write the synthetic video dataset (`SYNTH_CLASSES`, or `classes` from them and `TRANSFER_CLASSES`) to `root` (videos, rawframes, MMAction2 lists, classes.txt); return what it wrote."
     root = Path(root)
-    classes = list(SYNTH_CLASSES if classes is None else classes)
-    bad = [c for c in classes if c not in _ALL_CLASSES]
-    if bad: raise ValueError(f"unknown synthetic classes {bad}; choose from {list(_ALL_CLASSES)}")
-    if len(set(classes)) != len(classes) or not classes: raise ValueError(f"classes must be distinct and non-empty, got {classes}")
+    classes = _check_classes(classes)
     if int(n_per_class) < 1: raise ValueError(f"n_per_class must be >= 1, got {n_per_class}")
     if not 0 <= valid_pct < 1: raise ValueError(f"valid_pct must be in [0, 1), got {valid_pct}")
     H, W = _check_size(size)
@@ -512,10 +517,7 @@ def make_untrimmed_dataset(root, n_videos:int=40, size=(64, 80), num_frames=(320
     "Write untrimmed recordings with action segments of `classes` (default `SYNTH_CLASSES`) and ActivityNet-format ground truth to `root`."
     import json
     root = Path(root)
-    classes = list(SYNTH_CLASSES if classes is None else classes)
-    bad = [c for c in classes if c not in _ALL_CLASSES]
-    if bad: raise ValueError(f"unknown synthetic classes {bad}; choose from {list(_ALL_CLASSES)}")
-    if len(set(classes)) != len(classes) or not classes: raise ValueError(f"classes must be distinct and non-empty, got {classes}")
+    classes = _check_classes(classes)
     if int(n_videos) < 1: raise ValueError(f"n_videos must be >= 1, got {n_videos}")
     if not 0 <= valid_pct < 1: raise ValueError(f"valid_pct must be in [0, 1), got {valid_pct}")
     if int(feature_interval) < 1 or int(min_gap) < 0: raise ValueError("feature_interval must be >= 1 and min_gap >= 0")
