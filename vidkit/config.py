@@ -295,21 +295,21 @@ def _lookup(reg, v, key, where=None, line=None, skip=()):
     _check_kwargs(fn, kw, key, f"{reg.what} {name!r}", where, line, skip)
     return fn, cfg, kw
 
-def build_transforms(specs, key:str='data.item_tfms') -> list:
-    "Transforms from registered names or `{type: name, **kw}` mappings."
+def _build_each(reg, specs, key:str) -> list:
+    "Objects made from registered names or `{type: name, **kw}` mappings of registry `reg`."
     out = []
     for i, s in enumerate(specs or []):
-        fn, cfg, kw = _lookup(_TRANSFORMS, s, f'{key}[{i}]')
+        fn, cfg, kw = _lookup(reg, s, f'{key}[{i}]')
         out.append(fn(**{**cfg, **kw}))
     return out
 
+def build_transforms(specs, key:str='data.item_tfms') -> list:
+    "Transforms from registered names or `{type: name, **kw}` mappings."
+    return _build_each(_TRANSFORMS, specs, key)
+
 def build_metrics(specs, key:str='learner.metrics') -> list:
     "Metrics from registered names or `{type: name, **kw}` mappings."
-    out = []
-    for i, s in enumerate(specs or []):
-        fn, cfg, kw = _lookup(_METRICS, s, f'{key}[{i}]')
-        out.append(fn(**{**cfg, **kw}))
-    return out
+    return _build_each(_METRICS, specs, key)
 
 # %% ../nbs/16_config.ipynb #cf028
 def import_modules(names, key:str='imports') -> list:
