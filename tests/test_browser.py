@@ -11,7 +11,7 @@ from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
 CHROMIUM = next((p for p in (shutil.which('chromium'), shutil.which('chromium-browser'), '/usr/bin/chromium')
                  if p and os.path.exists(p)), None)
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="needs the Debian 'chromium' package (apt-get install -y chromium)")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(CHROMIUM is None, reason="needs the Debian 'chromium' package (apt-get install -y chromium)")]
 sync_api = pytest.importorskip('playwright.sync_api', reason="needs the 'playwright' pip package (do not run `playwright install`)")
 pytest.importorskip('jupyterlab', reason="needs jupyterlab")
 
@@ -28,7 +28,7 @@ viewer = ClipViewer(clip, labels='walking', fps=4)
 viewer.frame = 7
 viewer"""
 
-CELL2 = """from vidkit.widgets import PredictionExplorer
+CELL2 = """from vidkit.explorer import PredictionExplorer
 clips = [torch.randint(0, 256, (6, 3, 24, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(i)) for i in range(3)]
 explorer = PredictionExplorer(lambda clip: {0: 0.6, 1: 0.3, 2: 0.1}, list(zip(clips, [0, 1, 2])), vocab=['run', 'walk', 'jump'], topk=3)
 explorer"""

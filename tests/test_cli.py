@@ -121,8 +121,7 @@ def doc_command_lines():
     return out
 
 def test_every_documented_command_line_parses():
-    from vidkit.cli import build_parser, _COMMANDS
-    from vidkit.prepare import build_prepare_parser
+    from vidkit.cli import build_parser, build_prepare_parser, _COMMANDS
     lines = doc_command_lines()
     assert len(lines) >= 20 and any('--config' in a for _, a in lines if _ == 'README.md')
     assert any(a[:1] == ['train'] and 'kinetics' in a for _, a in lines)                  # tutorial 08's --layout kinetics

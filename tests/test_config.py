@@ -122,7 +122,7 @@ from dataclasses import dataclass
 import numpy as np, torch, torch.nn as nn
 from fastai.losses import LabelSmoothingCrossEntropyFlat
 from vidkit.models import register_model
-from vidkit.learner import register_loss
+from vidkit.optim import register_loss
 from vidkit.data import register_sampler
 from vidkit.sampling import SampleFrames
 
@@ -182,7 +182,9 @@ def test_custom_sampler_survives_into_the_test_recipe(synth, tmp_path):
                                                 .replace("'FirstFrames'", "'FirstFrames2'"))
         import my_vk_ext2
         from vidkit.data import sampler_from_cfg, sampler_to_cfg, VideoDataLoaders
-        from vidkit.learner import video_learner, save_checkpoint, evaluate_views
+        from vidkit.learner import video_learner
+        from vidkit.checkpoint import save_checkpoint
+        from vidkit.views import evaluate_views
         from vidkit.inference import load_recognizer, predict_video
         s = my_vk_ext2.FirstFrames(clip_len=1, num_clips=2)
         assert sampler_to_cfg(s)['type'] == 'FirstFrames2' and sampler_from_cfg(sampler_to_cfg(s)) == s

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow
+
 BIN = Path(sys.executable).parent
 TORCHRUN, VIDKIT = str(BIN / 'torchrun'), str(BIN / 'vidkit')
 EPOCHS = 2
@@ -91,7 +93,8 @@ def test_only_rank0_writes_one_set_of_files(run_a):
 def test_gathered_metrics_equal_a_single_process_evaluation(run_a, synth):
     "The validation loss and accuracy of the 2-process run are those of the saved model on the 9 clips, in one process."
     from vidkit.cli import build_parser, make_dls, _sampler_for
-    from vidkit.learner import video_learner, load_checkpoint
+    from vidkit.learner import video_learner
+    from vidkit.checkpoint import load_checkpoint
     torch.set_num_threads(1)
     work, _ = run_a
     m = json.loads((work / 'metrics.json').read_text())['metrics']
@@ -152,7 +155,7 @@ def test_killed_run_resumes_on_two_nodes_to_the_same_weights(run_a, synth, tmp_p
 
 def _slurm_job_with_free_port():
     "A made-up SLURM_JOB_ID whose derived MASTER_PORT is free here (all tasks derive the same port from it)."
-    from vidkit.distributed import slurm_master_port
+    from vidkit.launchers import slurm_master_port
     for _ in range(200):
         job = random.randrange(10**6, 10**7)
         try:
@@ -235,7 +238,8 @@ from fastai.losses import CrossEntropyLossFlat
 from fastai.metrics import accuracy
 from fastai.torch_core import rank_distrib, num_distrib
 from vidkit.core import set_seed
-from vidkit.distributed import detect_launcher, distrib_info, gather_object, end_distributed
+from vidkit.launchers import detect_launcher
+from vidkit.distributed import distrib_info, gather_object, end_distributed
 
 out, launcher = Path(sys.argv[1]), detect_launcher()             # before setup_distributed sets torch's variables
 set_seed(0)

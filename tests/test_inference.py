@@ -13,7 +13,9 @@ from vidkit.io import make_test_video, moving_gradient, VideoReader
 from vidkit.models import create_video_model
 from vidkit.sampling import SampleFrames
 from vidkit.data import VideoDataLoaders, sampler_to_cfg
-from vidkit.learner import video_learner, CheckpointCallback, evaluate_views
+from vidkit.learner import video_learner
+from vidkit.checkpoint import CheckpointCallback
+from vidkit.views import evaluate_views
 from vidkit.inference import Recognizer, default_data_cfg, export_onnx, load_recognizer, predict_video, save_recognizer
 
 torch.set_num_threads(1)

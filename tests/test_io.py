@@ -13,10 +13,10 @@ from torchvision.io import encode_jpeg, write_file
 
 from vidkit.core import VideoDecodeError, worker_init
 import vidkit.io
-from vidkit.io import (make_test_video, moving_gradient, open_video, probe, download_video, VideoInfo,
+from vidkit.io import (make_test_video, moving_gradient, open_video, probe, load_decoder, VideoInfo,
                        DecordReader, PyAVReader, FrameFolderReader, TorchCodecReader, AUTO_BACKENDS)
 
-HAS_TORCHCODEC = vidkit.io._torchcodec() is not None     # optional: needs torchcodec and FFmpeg's shared libraries
+HAS_TORCHCODEC = load_decoder('torchcodec') is not None     # optional: needs torchcodec and FFmpeg's shared libraries
 BACKENDS = ['decord', 'pyav'] + (['torchcodec'] if HAS_TORCHCODEC else [])
 needs_torchcodec = pytest.mark.skipif(not HAS_TORCHCODEC, reason='torchcodec (or the FFmpeg libraries it needs) is not installed')
 AUTO_FIRST = next(b for b in AUTO_BACKENDS if b == 'decord' or HAS_TORCHCODEC)   # what 'auto' picks for a healthy file
@@ -490,7 +490,7 @@ def test_url_failures(server, tmp_path):
     base, srv = server
     with pytest.raises(VideoDecodeError) as ei: open_video(f"{base}/nope.mp4", cache_dir=tmp_path)
     assert ei.value.path == f"{base}/nope.mp4" and '404' in str(ei.value) and 'download failed' in str(ei.value)
-    with pytest.raises(VideoDecodeError, match='IncompleteRead|incomplete'): download_video(f"{base}/short.mp4", cache_dir=tmp_path)
+    with pytest.raises(VideoDecodeError, match='IncompleteRead|incomplete'): open_video(f"{base}/short.mp4", cache_dir=tmp_path)
     t0 = time.time()
     with pytest.raises(VideoDecodeError, match='timed out'): open_video(f"{base}/slow.mp4", cache_dir=tmp_path, timeout=0.5)
     assert time.time() - t0 < 3

@@ -20,7 +20,8 @@ from fastai.callback.progress import CSVLogger
 from vidkit.core import set_seed
 from vidkit.data import VideoDataLoaders
 from vidkit.sampling import SampleFrames
-from vidkit.learner import video_learner, CheckpointCallback
+from vidkit.learner import video_learner
+from vidkit.checkpoint import CheckpointCallback
 
 root, out, nw, epochs = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 out.mkdir(parents=True, exist_ok=True)
@@ -130,7 +131,8 @@ def test_load_from_is_not_resume(runs, synth):
     if runs['nw']: pytest.skip('the checkpoints of one set of runs suffice')
     from vidkit.data import VideoDataLoaders
     from vidkit.sampling import SampleFrames
-    from vidkit.learner import video_learner, ResumeCallback, load_checkpoint
+    from vidkit.learner import video_learner
+    from vidkit.checkpoint import ResumeCallback, load_checkpoint
     torch.set_num_threads(1)
     last = runs['tmp'] / 'b' / 'models' / 'last.pth'
     ck = load_checkpoint(last)
@@ -156,7 +158,7 @@ def test_load_from_is_not_resume(runs, synth):
 
 def test_interrupted_save_leaves_previous_checkpoint(tmp_path, monkeypatch):
     "A failure in the middle of writing (disk full, crash) never replaces last.pth with a torn file."
-    from vidkit.learner import atomic_save
+    from vidkit.checkpoint import atomic_save
     target = tmp_path / 'models' / 'last.pth'
     atomic_save({'model': {'w': torch.ones(3)}, 'epoch': 1}, target)
     before = target.read_bytes()

@@ -260,7 +260,7 @@ def test_results_json_and_bad_proposals(tmp_path):
 
 # ---------------------------------------------------------------- training: lr_find, checkpoints, evaluation
 def test_learner_lr_find_checkpoint_predict(tmp_path):
-    from vidkit.learner import CheckpointCallback
+    from vidkit.checkpoint import CheckpointCallback
     train, valid = _toy(tmp_path/'f', 24, 0), _toy(tmp_path/'f', 8, 1)
     dls = localization_dataloaders(train, valid, tmp_path/'f', temporal_dim=16, bs=8, seed=0)
     torch.manual_seed(0)

@@ -7,9 +7,9 @@ import torch
 from torch import nn
 import torchvision
 
-from vidkit.models import (CheckpointError, LoadReport, TSM, TSN, create_video_model, list_models, load_pretrained,
-                           register_backbone, register_model, temporal_shift, tsm_param_groups, video_splitter)
-import vidkit.models as vm
+from vidkit.backbones import BACKBONES, register_backbone, temporal_shift
+from vidkit.weights import CheckpointError, LoadReport, load_pretrained
+from vidkit.models import TSM, TSN, create_video_model, list_models, register_model, tsm_param_groups, video_splitter
 
 torch.set_num_threads(1)
 
@@ -186,7 +186,7 @@ def test_registry_replacement_warns_and_user_model(tmp_path):
         rep = load_pretrained(create_video_model('tsn', 2, backbone='_pt_tiny'), tmp_path / 'tiny.pth')
         assert len(rep.loaded) == 4 and not rep.missing
     finally:
-        for n in ('_pt_tiny', '_pt_bad'): vm._BACKBONES.fns.pop(n, None); vm._BACKBONES.cfgs.pop(n, None)
+        for n in ('_pt_tiny', '_pt_bad'): BACKBONES.remove(n)
     with pytest.raises(ValueError, match='unknown backbone'): TSN(2, '_pt_tiny')
 
 

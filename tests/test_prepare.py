@@ -1,13 +1,14 @@
-"End-to-end tests of vidkit.prepare and data_scripts/: miniature official layouts, loopback downloads, resume, bad files."
+"End-to-end tests of vidkit.prepare, `vidkit prepare` and data_scripts/: miniature official layouts, loopback downloads, resume, bad files."
 import contextlib, csv, io, json, os, re, shutil, subprocess, sys, threading, zipfile, http.server
 from pathlib import Path
 import pytest
 from vidkit.core import VideoDecodeError
 from vidkit.io import make_test_video, open_video, probe
 from vidkit.datasets import read_hmdb51, read_ucf101, read_kinetics_csv, read_ssv2, read_video_list, read_rawframe_list
-from vidkit.prepare import (prepare_main, download_file, extract_archive, extract_frames, resize_videos, build_file_list,
-                            make_mini_archives, prepare_kinetics, DownloadError, MissingToolError, PrepareError,
-                            MissingArchivesError, FRAMES_MARKER, SSV2_JSON)
+from vidkit.io import download_file, DownloadError
+from vidkit.cli import prepare_main
+from vidkit.prepare import (extract_archive, extract_frames, resize_videos, build_file_list, make_mini_archives,
+                            prepare_kinetics, MissingToolError, PrepareError, MissingArchivesError, FRAMES_MARKER, SSV2_JSON)
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = (32, 40)
@@ -124,7 +125,7 @@ def test_rar_goes_through_the_tool_on_path(tmp_path, monkeypatch):
     monkeypatch.setenv('PATH', str(bin_))
     rar = tmp_path/'a.rar'
     with zipfile.ZipFile(rar, 'w') as z: z.writestr('cls/v.avi', b'video')
-    monkeypatch.setattr('vidkit.prepare.archive_format', lambda p: 'rar')   # the stand-in unzips: call the zip a RAR
+    monkeypatch.setattr('vidkit.prepare.common.archive_format', lambda p: 'rar')   # the stand-in unzips: call the zip a RAR
     extract_archive(rar, tmp_path/'out')
     assert (tmp_path/'out'/'cls'/'v.avi').read_bytes() == b'video'
     (bin_/'unrar').write_text('#!/bin/sh\necho "CRC failed in the encrypted file" >&2\nexit 3\n')

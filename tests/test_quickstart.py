@@ -1,6 +1,9 @@
 "The main job: the quickstart tutorial run as a batch job with its default parameters, as README's first command does."
+import pytest
 import json, subprocess, sys
 from pathlib import Path
+
+pytestmark = pytest.mark.slow
 
 NB = Path(__file__).resolve().parent.parent / 'nbs' / 'tutorials' / '01_quickstart.ipynb'
 

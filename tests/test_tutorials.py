@@ -7,6 +7,8 @@ import pytest
 
 from vidkit.batch import run_notebook
 
+pytestmark = pytest.mark.slow
+
 NBS = Path(__file__).resolve().parent.parent/'nbs'/'tutorials'
 TUTORIALS = sorted(p.stem for p in NBS.glob('*.ipynb'))
 

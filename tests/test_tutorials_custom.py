@@ -1,8 +1,11 @@
 "The 'customize' tutorials (03 new dataset, 04 custom pipeline, 05 new modules) run as papermill jobs with their defaults and report sane metrics."
+import pytest
 import json, math
 from pathlib import Path
 
 from vidkit.batch import run_notebook
+
+pytestmark = pytest.mark.slow
 
 NBS = Path(__file__).resolve().parent.parent/'nbs'/'tutorials'
 

@@ -1,4 +1,4 @@
-"vidkit.widgets on real decoded videos (VideoDataset, a fastai Learner over it) and in a real kernel (nbclient widget state)."
+"vidkit.widgets and vidkit.explorer on real decoded videos (VideoDataset, a fastai Learner over it) and in a real kernel (nbclient widget state)."
 from pathlib import Path
 
 import matplotlib; matplotlib.use('Agg')
@@ -15,7 +15,8 @@ from fastai.losses import CrossEntropyLossFlat
 from vidkit.datasets import VideoDataset, VideoRecord
 from vidkit.io import make_test_video
 from vidkit.sampling import SampleFrames
-from vidkit.widgets import ClipViewer, PredictionExplorer, plot_per_class_accuracy, plot_training_curves
+from vidkit.widgets import ClipViewer, plot_per_class_accuracy, plot_training_curves
+from vidkit.explorer import PredictionExplorer
 
 SIZE = (32, 40)
 VOCAB = ['left', 'right', 'still']

@@ -138,7 +138,7 @@ def test_interrupted_download_resumes(server, tmp_path, entries):
     _Handler.cut_after = size // 3
     with pytest.raises(WeightsDownloadError) as e:
         download_weights('tsn_r18.big', cache_dir=tmp_path / 'c', progress=False)
-    part = tmp_path / 'c' / (fname + '.download.part')
+    part = tmp_path / 'c' / (fname + '.part')
     assert part.exists() and 0 < part.stat().st_size < size and not (tmp_path / 'c' / fname).exists()
     assert 'incomplete' in str(e.value) or 'failed' in str(e.value)
     _Handler.cut_after = None

@@ -12,19 +12,29 @@ from fastai.interpret import *
 from .core import *
 from .io import *
 from .synth import *
+from .annotations import *
+from .formats import *
 from .datasets import *
 from .sampling import *
 from .transforms import *
 from .data import *
 from .zoo import *
+from .backbones import *
+from .weights import *
 from .models import *
+from .metrics import *
+from .optim import *
 from .learner import *
+from .checkpoint import *
+from .views import *
 from .inference import *
 from .pretrain import *
 from .batch import *
 from .widgets import *
+from .explorer import *
 from .localization import *
 from .config import *
+from .training import *
 
 # %% ../nbs/99_all.ipynb #c004
 # every public name imported above (nbdev's own `__all__` for this module lists only names defined here: none)

@@ -4,7 +4,7 @@
 
 # %% ../nbs/11_batch.ipynb #c004
 from __future__ import annotations
-import asyncio, itertools, json, os, re, sys, time, warnings
+import asyncio, itertools, json, os, re, sys, tempfile, time, warnings
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -13,11 +13,11 @@ from pathlib import Path
 import nbformat
 import pandas as pd
 import yaml
-from .core import AnnotationError
+from .core import AnnotationError, atomic_write, to_plain
 
 # %% auto #0
-__all__ = ['NotebookRunError', 'NotebookRun', 'run_notebook', 'parse_param_pairs', 'load_params', 'expand_grid', 'plot_sweep',
-           'load_sweep', 'sweep']
+__all__ = ['NotebookRunError', 'NotebookRun', 'run_notebook', 'infer_value', 'parse_param_pairs', 'load_params', 'expand_grid',
+           'plot_sweep', 'load_sweep', 'sweep']
 
 # %% ../nbs/11_batch.ipynb #c007
 class NotebookRunError(RuntimeError):
@@ -74,23 +74,18 @@ def _fmt_safe(p) -> str:
     "papermill formats paths with the parameters (`out_{lr}.ipynb`); escape braces so real paths pass unchanged."
     return str(p).replace('{', '{{').replace('}', '}}')
 
-def _plain(v):
-    "Values papermill can write as Python literals: tuples become lists, paths and numpy scalars plain values."
-    if isinstance(v, Path): return str(v)
-    if isinstance(v, (list, tuple)): return [_plain(o) for o in v]
-    if isinstance(v, Mapping): return {str(k): _plain(o) for k, o in v.items()}
-    if hasattr(v, 'item') and hasattr(v, 'dtype') and getattr(v, 'ndim', 1) == 0: return v.item()  # numpy / torch scalars
-    if hasattr(v, 'tolist') and hasattr(v, 'dtype'): return v.tolist()
-    return v
-
 def _declared_params(nb, kernel_name:str, language:str) -> dict|None:
-    "The parameters the notebook's `parameters` cell declares (papermill's inspection), or None if that cannot be told."
-    try:
-        from papermill.inspection import _infer_parameters
-        nb = nbformat.from_dict(nb)  # a copy; papermill expects every cell to have `metadata.tags`
-        for c in nb.cells: c.metadata.setdefault('tags', [])
-        return {p.name: p._asdict() for p in _infer_parameters(nb, name=kernel_name, language=language)}
-    except Exception: return None
+    "The parameters the notebook's `parameters` cell declares (papermill's `inspect_notebook`), or None if that cannot be told."
+    nb = nbformat.from_dict(nb)  # a copy, told which kernel and language run it (papermill reads them from the metadata)
+    nb.metadata['kernelspec'] = {**nb.metadata.get('kernelspec', {}), 'name': kernel_name, 'language': language}
+    nb.metadata.setdefault('language_info', {})['name'] = language
+    with tempfile.TemporaryDirectory(prefix='vidkit_inspect_') as d:
+        p = Path(d)/'nb.ipynb'
+        try:
+            nbformat.write(nb, p)
+            from papermill import inspect_notebook
+            return inspect_notebook(str(p))
+        except Exception: return None
 
 def _failed_cell(nb_in, output:Path):
     "(input cell index, exec count, first source line) of the cell that failed in the executed notebook, where it can be told."
@@ -132,7 +127,7 @@ def run_notebook(nb, out_dir, parameters:dict|None=None, kernel_name:str|None=No
     meta = nb_in.metadata
     language = meta.get('kernelspec', {}).get('language') or meta.get('language_info', {}).get('name') or 'python'
     declared = _declared_params(nb_in, kernel_name, language)
-    params = {str(k): _plain(v) for k, v in (parameters or {}).items()}
+    params = {str(k): to_plain(v, f'parameter {k!r}', tuples=False) for k, v in (parameters or {}).items()}
     if 'out_dir' not in params and (declared is None or 'out_dir' in declared): params['out_dir'] = str(out_dir.resolve())
     if declared is not None and params:
         unknown = [k for k in params if k not in declared]
@@ -177,8 +172,8 @@ def run_notebook(nb, out_dir, parameters:dict|None=None, kernel_name:str|None=No
     return NotebookRun(nb, output, out_dir, params, metrics, duration)
 
 # %% ../nbs/11_batch.ipynb #c028
-def _infer_value(s:str):
-    "papermill-like typing of a command-line value: bool, None, int, float, a YAML list/dict or quoted string, else the string."
+def infer_value(s:str):
+    "The type of a command-line value: bool, None, int, float, a YAML list/dict or quoted string, else the string."
     if s in ('True', 'true'): return True
     if s in ('False', 'false'): return False
     if s in ('None', 'none', 'null'): return None
@@ -200,7 +195,7 @@ def parse_param_pairs(pairs, raw:bool=False) -> dict:
         name, value = p
         name = str(name).strip()
         if not name.isidentifier(): raise ValueError(f"parameter name {name!r} is not a valid Python identifier")
-        out[name] = value if raw or not isinstance(value, str) else _infer_value(value)
+        out[name] = value if raw or not isinstance(value, str) else infer_value(value)
     return out
 
 # %% ../nbs/11_batch.ipynb #c031
@@ -266,12 +261,6 @@ def _varying(points) -> list:
     return [k for k in keys if len({canon(p.get(k, '<unset>')) for p in points}) > 1]
 
 def _canon_params(p:dict) -> str: return json.dumps({k: v for k, v in p.items() if k != 'out_dir'}, sort_keys=True, default=str)
-
-def _write_json(path:Path, obj):
-    "Write JSON atomically (a kill never leaves a torn file)."
-    tmp = path.with_name(path.name + '.tmp')
-    tmp.write_text(json.dumps(obj, indent=1, default=str))
-    os.replace(tmp, path)
 
 def _close_thread_loop():
     "Close the asyncio loop that jupyter_core made for this worker thread (else each thread leaks one, with its sockets)."
@@ -375,7 +364,8 @@ def sweep(nb, grid, out_dir, workers:int=1, parameters:dict|None=None, kernel_na
         name, p, rdir = names[i], points[i], out_dir/names[i]
         rdir.mkdir(parents=True, exist_ok=True)
         started = time.time()
-        rec = dict(run=name, params={k: _plain(v) for k, v in p.items()}, key=_canon_params(p), started=started)
+        rec = dict(run=name, params={k: to_plain(v, f'parameter {k!r}', tuples=False) for k, v in p.items()}, key=_canon_params(p),
+                   started=started)
         try:
             r = run_notebook(nb, rdir, p, kernel_name=kernel_name, cwd=cwd, timeout=timeout)
             rec.update(status='ok', error=None, metrics=r.metrics, output=str(r.output), duration=r.duration)
@@ -385,7 +375,7 @@ def sweep(nb, grid, out_dir, workers:int=1, parameters:dict|None=None, kernel_na
         except Exception as e:  # a bug or a bad value must not stop the other runs either
             rec.update(status='failed', error=f"{type(e).__name__}: {e}", message=repr(e), metrics={}, output=None, duration=time.time() - started)
         rec['finished'] = time.time()
-        _write_json(rdir/'run.json', rec)
+        atomic_write(rdir/'run.json', json.dumps(rec, indent=1, default=str))
         if verbose:
             print(f"{name}: {rec['status']} in {rec['duration']:.1f}s" + (f" ({rec['error']})" if rec['error'] else ''), flush=True)
         return rec

@@ -4,10 +4,32 @@
 
 # %% ../nbs/13_bench.ipynb #c003
 from __future__ import annotations
-import argparse, ast, inspect, json, os, statistics, subprocess, sys, tempfile, time
+import argparse, inspect, json, os, random, resource, statistics, subprocess, sys, tempfile, time
+from functools import partial
 from pathlib import Path
 import numpy as np
 import torch
+import torchvision.transforms.v2.functional as TF
+from PIL import Image
+from torch.utils.data import DataLoader
+from fastai.learner import Learner
+from fastai.data.core import DataLoaders
+from fastai.callback.core import Callback
+import fastai.callback.progress   # Learner.no_bar
+from fastai.losses import CrossEntropyLossFlat
+from fastai.optimizer import OptimWrapper, Adam
+from .core import atomic_write, set_seed
+from .io import load_decoder
+from .synth import make_synthetic_dataset, SYNTH_CLASSES, TEMPORAL_CLASSES, TRANSFER_CLASSES
+from .datasets import read_video_list, read_rawframe_list
+from .sampling import SampleFrames
+from .transforms import MultiScaleCrop, Resize, CenterCrop
+from .data import VideoDataLoaders
+from .models import create_video_model
+from .learner import video_learner
+from .inference import save_recognizer
+from .zoo import download_weights
+from .batch import infer_value
 
 # %% auto #0
 __all__ = ['bench_data', 'bench_train', 'accuracy_targets', 'bench_accuracy', 'transfer_targets', 'bench_transfer', 'main']
@@ -20,7 +42,6 @@ def _rss_mb(pid:str='self') -> float:
     return float('nan')
 
 def _peak_rss_mb() -> dict:
-    import resource
     return dict(self=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                 children=resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)
 
@@ -43,7 +64,6 @@ class _BareVideo(torch.utils.data.Dataset):
     def __init__(self, paths, decoder:str): self.paths, self.decoder = paths, decoder
     def __len__(self): return len(self.paths)
     def __getitem__(self, i):
-        from vidkit.sampling import SampleFrames
         p, s = self.paths[i], SampleFrames(1, num_clips=8)
         if self.decoder == 'decord':
             import decord
@@ -58,17 +78,12 @@ class _BareFrames(torch.utils.data.Dataset):
     def __init__(self, records): self.records = records
     def __len__(self): return len(self.records)
     def __getitem__(self, i):
-        from PIL import Image
-        from vidkit.sampling import SampleFrames
         r = self.records[i]
         idx = SampleFrames(1, num_clips=8)(r.num_frames, None) + 1
         return torch.stack([torch.from_numpy(np.asarray(Image.open(Path(r.path)/f'img_{k:05}.jpg').convert('RGB'))) for k in idx]).permute(0, 3, 1, 2)
 
 def _torchcodec_peer_tfms(x):
     "The recipe's transforms written directly in torchvision, for the 'TorchCodec + same transforms' contender."
-    import random
-    import torchvision.transforms.v2.functional as TF
-    from vidkit.transforms import MultiScaleCrop
     h, w = x.shape[-2:]; s = 128 / min(h, w)
     x = TF.resize(x, [round(h * s), round(w * s)], antialias=True)
     m = MultiScaleCrop(112); h, w = x.shape[-2:]
@@ -99,8 +114,6 @@ def _mmaction2_loader(paths, bs, workers):
 
 def _contender(name:str, spec:dict, n_clips:int, workers:int, bs:int=8) -> dict:
     "Build contender `name`'s loader and time it (run in a fresh process): clips/s, first batch (s), worker peak RSS (MB), main-process and worker CPU per clip (ms)."
-    from vidkit.datasets import read_video_list, read_rawframe_list
-    from torch.utils.data import DataLoader
     root, rawframes = Path(spec['root']), name.endswith('frames')
     read = read_rawframe_list if rawframes else read_video_list
     records, vocab = read(root/('train_rawframes.txt' if rawframes else 'train_list.txt'), data_root=root)
@@ -109,10 +122,7 @@ def _contender(name:str, spec:dict, n_clips:int, workers:int, bs:int=8) -> dict:
     paths = [str(r.path) for r in records]
     dl_kw = dict(batch_size=bs, num_workers=workers, shuffle=True, worker_init_fn=_worker_init, persistent_workers=workers > 0)
     # libraries are imported before the clock starts (the first batch measures the loader, not Python's imports)
-    from vidkit.io import _torchcodec, _decord
-    from vidkit.data import VideoDataLoaders
-    from vidkit.sampling import SampleFrames
-    _decord(); _torchcodec()
+    load_decoder('decord'); load_decoder('torchcodec')
     if name == 'mmaction2': import mmaction.datasets, mmengine.runner  # noqa: F401
     t0 = time.perf_counter()
     if name.startswith('vidkit'):
@@ -209,7 +219,6 @@ def _judge(res:dict, min_vs_mmaction2:float=1.1, min_vs_bare:float=0.9, max_firs
 def bench_data(out_dir=None, n_clips:int=240, workers:int=2, repeats:int=3, leak_clips:int=1000, root=None,
                contenders=None, hd_clips:int|None=None) -> dict:
     "vidkit's loader against bare decoding with each installed decoder, and MMAction2/TorchCodec peers when installed, on MMAction2's TSN recipe; writes `data.json`."
-    from vidkit.synth import make_synthetic_dataset
     root = Path(root or tempfile.mkdtemp(prefix='vidkit_bench_'))
     sets = {'340x256': dict(size=(256, 340), n_per_class=3, num_frames=(96, 128), rawframes=True),
             '720p': dict(size=(720, 1280), n_per_class=1, num_frames=(48, 64), rawframes=False)}
@@ -249,8 +258,7 @@ def bench_data(out_dir=None, n_clips:int=240, workers:int=2, repeats:int=3, leak
 
 def _write(res, out_dir, name):
     if out_dir is None: return
-    p = Path(out_dir); p.mkdir(parents=True, exist_ok=True)
-    (p/name).write_text(json.dumps(res, indent=2))
+    atomic_write(Path(out_dir)/name, json.dumps(res, indent=2))
 
 # %% ../nbs/13_bench.ipynb #c012
 class _Steps(list):
@@ -273,16 +281,9 @@ def _bare_steps(model, batches, lr=1e-3) -> float:
 
 def _fastai_steps(model, batches, lr=1e-3, opt_func=None) -> float:
     "Seconds per step of fastai's `Learner.fit` on the same batches (no progress bar); torch's Adam unless `opt_func`."
-    from fastai.learner import Learner
-    from fastai.data.core import DataLoaders
-    from fastai.callback.core import Callback
-    import fastai.callback.progress   # Learner.no_bar
-    from fastai.losses import CrossEntropyLossFlat
     class _Timer(Callback):
         def before_train(self): self.t0 = time.perf_counter()
         def after_train(self): self.dt = time.perf_counter() - self.t0
-    from functools import partial
-    from fastai.optimizer import OptimWrapper
     dls = DataLoaders(_Steps(batches), _Steps(batches[:1]))
     timer = _Timer()
     opt_func = opt_func or partial(OptimWrapper, opt=torch.optim.Adam)
@@ -292,12 +293,10 @@ def _fastai_steps(model, batches, lr=1e-3, opt_func=None) -> float:
 
 def bench_train(out_dir=None, arch:str='tsm_r18', bs:int=4, steps:int=8, size:int=112, segments:int=8, repeats:int=3) -> dict:
     "fastai training-step time against a bare PyTorch loop on the same model and batches; writes `train.json`."
-    from vidkit.models import create_video_model
     torch.manual_seed(0)
     batches = [(torch.randn(bs, segments, 3, size, size), torch.randint(0, 8, (bs,))) for _ in range(steps)]
     model = create_video_model(arch, 8, num_segments=segments)
     _bare_steps(model, batches[:1])    # warm-up (allocator, kernels)
-    from fastai.optimizer import Adam
     runs = _interleave({'fastai': lambda: _fastai_steps(model, batches), 'bare': lambda: _bare_steps(model, batches),
                         'fastai_adam': lambda: _fastai_steps(model, batches, opt_func=Adam)}, repeats)
     med = {k: statistics.median(v) for k, v in runs.items()}
@@ -312,12 +311,6 @@ def bench_train(out_dir=None, arch:str='tsm_r18', bs:int=4, steps:int=8, size:in
 def _fit_eval(root, arch:str, epochs:int, lr:float, size:int, segments:int, bs:int, seed:int, pretrained=None,
               freeze_epochs:int=1, augment:bool=False) -> dict:
     "Train `arch` on the synthetic dataset in `root` (`fit_one_cycle`, or `fine_tune` from `pretrained`); top-1 overall and per class group."
-    from vidkit.core import set_seed
-    from vidkit.data import VideoDataLoaders
-    from vidkit.sampling import SampleFrames
-    from vidkit.learner import video_learner
-    from vidkit.synth import TEMPORAL_CLASSES
-    from vidkit.transforms import Resize, CenterCrop
     light = {} if augment else dict(item_tfms=[Resize(round(size * 8 / 7)), CenterCrop(size)], flip=False)
     dls = VideoDataLoaders.from_synthetic(root, sampler=SampleFrames(1, num_clips=segments), size=size, bs=bs, seed=seed, **light)
     set_seed(seed)
@@ -349,8 +342,6 @@ def accuracy_targets(res:dict, archs=('tsm_r18', 'tsn_r18'), min_top1:float=0.90
 def bench_accuracy(out_dir=None, n_per_class:int=120, size:int=32, segments:int=8, bs:int=24, epochs:int=20, lr:float=4e-3,
                    archs=('tsm_r18', 'tsn_r18'), finetune_epochs:int=6, augment:bool=False, seed:int=0, root=None) -> dict:
     "TSM vs TSN per class group on the synthetic dataset, and finetuning vs training from scratch; writes `accuracy.json`."
-    from vidkit.synth import make_synthetic_dataset, SYNTH_CLASSES
-    from vidkit.inference import save_recognizer
     root = Path(root or tempfile.mkdtemp(prefix='vidkit_bench_'))
     data = make_synthetic_dataset(root/'all', n_per_class=n_per_class, seed=seed)
     recipe = dict(n_per_class=n_per_class, size=size, segments=segments, bs=bs, epochs=epochs, lr=lr, augment=augment,
@@ -385,8 +376,6 @@ def transfer_targets(res:dict, min_top1:float=0.90, min_gain:float=0.20) -> dict
 def bench_transfer(out_dir=None, weights:str='tsm_r18.synth', seeds=(0, 1, 2), n_per_class:int=30, epochs:int=8,
                    lr:float=4e-3, size:int=32, segments:int=8, bs:int=8, root=None) -> dict:
     "Finetuning zoo `weights` vs training from scratch on `TRANSFER_CLASSES`, over `seeds`; writes `transfer.json`."
-    from vidkit.synth import make_synthetic_dataset, TRANSFER_CLASSES
-    from vidkit.zoo import download_weights
     root = Path(root or tempfile.mkdtemp(prefix='vidkit_bench_'))
     t0 = time.perf_counter()
     ckpt = str(download_weights(weights))
@@ -412,14 +401,13 @@ def _print(res, indent=0):
         else: print(' ' * indent + f'{k}: {v:.3f}' if isinstance(v, float) else ' ' * indent + f'{k}: {v}')
 
 def _settings(pairs, fns:dict) -> dict:
-    "`NAME=VALUE` strings -> keyword arguments for each suite in `fns` that takes NAME; VALUE is a Python literal or a string."
+    "`NAME=VALUE` strings -> keyword arguments for each suite in `fns` that takes NAME; VALUE typed by `vidkit.batch.infer_value`."
     params = {k: set(inspect.signature(fn).parameters) - {'out_dir'} for k, fn in fns.items()}   # the folder is --out
     out = {k: {} for k in fns}
     for s in pairs or []:
         name, eq, text = s.partition('=')
         if not eq or not name.isidentifier(): raise ValueError(f"--set {s!r}: expected NAME=VALUE, e.g. --set epochs=10")
-        try: value = ast.literal_eval(text)
-        except (ValueError, SyntaxError): value = text
+        value = infer_value(text)
         takers = [k for k in fns if name in params[k]]
         if not takers:
             known = ', '.join(sorted(set().union(*params.values())))

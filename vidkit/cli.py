@@ -4,7 +4,7 @@
 
 # %% ../nbs/14_cli.ipynb #c003
 from __future__ import annotations
-import argparse, json, sys, warnings
+import argparse, json, os, sys, warnings
 # fastai 2.8 calls the deprecated `torch.jit.script` at import: not something a command-line user can act on
 warnings.filterwarnings('ignore', message='`torch.jit.script` is deprecated', category=FutureWarning)
 from pathlib import Path
@@ -12,7 +12,8 @@ from .core import VideoDecodeError, AnnotationError
 
 # %% auto #0
 __all__ = ['command', 'synth', 'recipe_from_args', 'make_dls', 'train', 'test', 'predict', 'check', 'models', 'zoo', 'run',
-           'sweep', 'prepare', 'bench', 'features', 'localize', 'build_parser', 'main']
+           'sweep', 'build_prepare_parser', 'prepare_main', 'prepare', 'bench', 'features', 'localize', 'build_parser',
+           'main']
 
 # %% ../nbs/14_cli.ipynb #c004
 _COMMANDS = {}
@@ -96,12 +97,12 @@ def recipe_from_args(args, base=None, command:str='train', check:bool=True, base
 
 def make_dls(args, sampler=None):
     "The `VideoDataLoaders` that `--layout`/`--data`, the recipe options, `--config` and `--set` describe."
-    from vidkit.config import build_dls
+    from vidkit.training import build_dls
     return build_dls(recipe_from_args(args), sampler=sampler)
 
 def _sampler_for(arch:str, frames:int):
     "Training sampler for `arch`: `frames` segments for 2D models, one `frames`-long clip for 3D models."
-    from vidkit.config import default_sampler
+    from vidkit.training import default_sampler
     return default_sampler(arch or 'tsm_r18', frames or 8)
 
 # %% ../nbs/14_cli.ipynb #c010
@@ -140,7 +141,7 @@ def train(args):
 
 def _train_recipe(args):
     "The recipe of `vidkit train`: with --resume the work dir's config.yaml is the base, with --resume-from the checkpoint's recipe."
-    from vidkit.config import recipe_of
+    from vidkit.training import recipe_of
     base = None
     if args.resume:
         if args.resume_from is not None: raise ValueError("give --resume (the work dir's last checkpoint) or --resume-from CKPT, not both")
@@ -158,14 +159,14 @@ def _train_recipe(args):
 
 def _train(args, info):
     import dataclasses
-    from vidkit.config import build_dls, build_learner, train_callbacks, fit_recipe, attach_recipe, save_recipe, _pretrained
+    from vidkit.training import build_dls, build_learner, train_callbacks, fit_recipe, attach_recipe, save_recipe, recipe_pretrained
     from vidkit.distributed import main_process_first, scale_lr, gather_object
     say = print if info.is_main else (lambda *a, **k: None)
     r = _train_recipe(args)
     if args.print_config:
         if info.is_main: print(r.to_yaml(), end='')
         return 0
-    work, pretrained, bs = Path(r.work_dir), _pretrained(r), r.data.bs
+    work, pretrained, bs = Path(r.work_dir), recipe_pretrained(r), r.data.bs
     saved = dataclasses.replace(r, resume_from=None)   # how the run is made; where it continues from is not part of it
     with main_process_first():                         # rank 0 writes the dataset / downloads weights, then the others
         dls = attach_recipe(build_dls(r), saved)
@@ -215,10 +216,11 @@ def _test_args(p):
 def test(args):
     from fastai.learner import Learner
     from fastai.losses import CrossEntropyLossFlat
-    from vidkit.config import build_dls, recipe_of, import_modules
+    from vidkit.config import import_modules
+    from vidkit.training import build_dls, recipe_of
     from vidkit.data import sampler_from_cfg
     from vidkit.inference import load_recognizer
-    from vidkit.learner import evaluate_views
+    from vidkit.views import evaluate_views
     base = recipe_of(args.checkpoint) if args.checkpoint and args.config is None else None
     r = recipe_from_args(args, base=base, command='test', base_where=f'the recipe in {args.checkpoint}' if base else None)
     if args.print_config: print(r.to_yaml(), end=''); return 0
@@ -250,7 +252,8 @@ def _predict_args(p):
 
 def _load_recognizer(ckpt, imports):
     "`load_recognizer` after `--import`; an unknown registered name says which modules the checkpoint was trained with."
-    from vidkit.config import import_modules, recipe_of
+    from vidkit.config import import_modules
+    from vidkit.training import recipe_of
     from vidkit.inference import load_recognizer
     from vidkit.data import sampler_from_cfg
     import_modules(imports, key='--import')
@@ -367,11 +370,162 @@ def sweep(args):
 sweep.add_args = _sweep_args
 
 # %% ../nbs/14_cli.ipynb #c020
-@command('prepare', 'prepare a real dataset (hmdb51, ucf101, kinetics, ssv2) or resize/extract frames/build lists', passthrough=True)
-def prepare(argv):
-    from vidkit.prepare import prepare_main
-    return prepare_main(argv, prog='vidkit prepare')
+from .io import DownloadError
+from .prepare import (PrepareError, LIST_DATASETS, DATASET_ALIASES, prepare_hmdb51, prepare_ucf101, prepare_kinetics,
+                            prepare_ssv2, resize_videos, extract_frames, build_file_list)
 
+_PREPARE = {}
+
+def _prepare_command(name, help):
+    def deco(f):
+        _PREPARE[name] = (f, help)
+        return f
+    return deco
+
+def _url_pair(s):
+    if '=' not in s: raise argparse.ArgumentTypeError(f"expected NAME=URL, got {s!r}")
+    return tuple(s.split('=', 1))
+
+def _common_args(p, limit=False):
+    p.add_argument('--workers', type=int, default=None, metavar='N', help='parallel workers (default: all CPU cores)')
+    p.add_argument('--no-progress', dest='progress', action='store_false', help='do not show a progress bar')
+    if limit: p.add_argument('--limit', type=int, default=None, metavar='N',
+                             help='process at most N of the videos still to do; the rest is left for a later run')
+
+def _download_args(p, archives_help='folder holding (or receiving) the downloaded archives (default: ROOT/archives)'):
+    p.add_argument('root', type=Path, help='dataset folder to lay out')
+    p.add_argument('--archives', type=Path, default=None, metavar='DIR', help=archives_help)
+    p.add_argument('--no-download', dest='download', action='store_false',
+                   help='never download: use the archives already in --archives (or say which to put there)')
+    p.add_argument('--base-url', default=None, metavar='URL', help='download every file as URL/<file name> (a mirror)')
+    p.add_argument('--url', type=_url_pair, action='append', default=[], metavar='NAME=URL', help='download file NAME from URL')
+    p.add_argument('--timeout', type=float, default=30., metavar='S', help='network timeout in seconds (default 30)')
+    p.add_argument('--no-lists', dest='lists', action='store_false', help='do not write the video file lists')
+
+def _dl_kw(a): return dict(archives=a.archives, download=a.download, base_url=a.base_url, urls=dict(a.url), timeout=a.timeout,
+                           lists=a.lists, progress=a.progress)
+
+# %% ../nbs/14_cli.ipynb #c562cb
+@_prepare_command('hmdb51', 'download and unpack HMDB51 into ROOT/videos and ROOT/annotations; write its video lists')
+def _prep_hmdb51(a): return prepare_hmdb51(a.root, workers=a.workers, **_dl_kw(a))
+_prep_hmdb51.add_args = lambda p: (_download_args(p), _common_args(p))
+
+@_prepare_command('ucf101', 'download and unpack UCF101 into ROOT/UCF-101 and ROOT/ucfTrainTestlist; write its video lists')
+def _prep_ucf101(a): return prepare_ucf101(a.root, workers=a.workers, **_dl_kw(a))
+_prep_ucf101.add_args = lambda p: (_download_args(p), _common_args(p))
+
+@_prepare_command('ssv2', 'unpack Something-Something V2 (video parts + labels zip) into ROOT/videos and ROOT/annotations')
+def _prep_ssv2(a): return prepare_ssv2(a.root, num_parts=a.num_parts, **_dl_kw(a))
+def _ssv2_args(p):
+    _download_args(p); _common_args(p)
+    p.add_argument('--num-parts', type=int, default=20, metavar='K', help='number of video parts -00 … (default 20)')
+_prep_ssv2.add_args = _ssv2_args
+
+# %% ../nbs/14_cli.ipynb #c151ad
+@_prepare_command('kinetics', 'lay out Kinetics clips from already-downloaded videos (clips or full videos) with the official CSVs')
+def _prep_kinetics(a):
+    return prepare_kinetics(a.root, src=a.src, version=a.version, csvs=a.csv, subsets=a.subsets, short_side=a.short_side,
+                            link=a.link, workers=a.workers, limit=a.limit, **_dl_kw(a))
+def _kinetics_args(p):
+    _download_args(p, 'folder for the annotation archive kinetics<V>.tar.gz (default: ROOT/archives)')
+    p.add_argument('--src', type=Path, action='append', default=[], metavar='DIR',
+                   help='folder of downloaded videos: clips <id>_<start>_<end>.* or full videos <youtube_id>.* (repeatable)')
+    p.add_argument('--version', type=int, default=400, choices=(400, 600, 700), help='Kinetics version (default 400)')
+    p.add_argument('--csv', type=Path, action='append', default=[], metavar='FILE',
+                   help='an official CSV (train.csv, validate.csv, test.csv); otherwise they are downloaded')
+    p.add_argument('--subsets', nargs='+', default=['train', 'val'], choices=('train', 'val', 'test'), help='default: train val')
+    p.add_argument('--short-side', type=int, default=None, metavar='PX', help='also resize the clips to this short side')
+    p.add_argument('--copy', dest='link', action='store_false', help='copy ready-made clips instead of hard-linking them')
+    _common_args(p, limit=True)
+_prep_kinetics.add_args = _kinetics_args
+
+# %% ../nbs/14_cli.ipynb #c266bf
+@_prepare_command('resize', 're-encode every video under SRC at a short side into DST (same relative paths)')
+def _prep_resize(a):
+    return resize_videos(a.src, a.dst, short_side=a.short_side, workers=a.workers, ext=a.ext, crf=a.crf, preset=a.preset,
+                         keyint=a.keyint, limit=a.limit, overwrite=a.overwrite, progress=a.progress)
+def _resize_args(p):
+    p.add_argument('src', type=Path, help='folder of videos (searched recursively)')
+    p.add_argument('dst', type=Path, help='output folder')
+    p.add_argument('--short-side', type=int, default=256, metavar='PX', help='short side in pixels (default 256)')
+    p.add_argument('--ext', default=None, help='output suffix, e.g. .mp4 (default: keep the input suffix)')
+    p.add_argument('--crf', type=int, default=23, help='quality for H.264/VP9, lower is better (default 23)')
+    p.add_argument('--preset', default='veryfast', help='x264 preset (default veryfast)')
+    p.add_argument('--keyint', type=float, default=1.0, metavar='S', help='seconds between keyframes (default 1)')
+    p.add_argument('--overwrite', action='store_true', help='redo videos already in DST')
+    _common_args(p, limit=True)
+_prep_resize.add_args = _resize_args
+
+@_prepare_command('extract-frames', 'write the frames of every video under SRC as img_00001.jpg … folders under DST')
+def _prep_frames(a):
+    return extract_frames(a.src, a.dst, short_side=a.short_side, workers=a.workers, quality=a.quality,
+                          filename_tmpl=a.filename_tmpl, limit=a.limit, overwrite=a.overwrite, progress=a.progress)
+def _frames_args(p):
+    p.add_argument('src', type=Path, help='folder of videos (searched recursively)')
+    p.add_argument('dst', type=Path, help='output folder: one frame folder per video, same relative path without suffix')
+    p.add_argument('--short-side', type=int, default=None, metavar='PX', help='resize frames to this short side (default: keep)')
+    p.add_argument('--quality', type=int, default=95, help='JPEG quality (default 95)')
+    p.add_argument('--filename-tmpl', default='img_{:05}.jpg', help="frame file names (default 'img_{:05}.jpg')")
+    p.add_argument('--overwrite', action='store_true', help='redo folders already complete')
+    _common_args(p, limit=True)
+_prep_frames.add_args = _frames_args
+
+@_prepare_command('build-file-list', 'write MMAction2 video / rawframe lists for the splits of a prepared dataset')
+def _prep_lists(a):
+    return build_file_list(a.dataset, a.root, out_dir=a.out_dir, split=a.split, format=a.format, subsets=a.subsets,
+                           frames_dir=a.frames_dir, video_dir=a.video_dir, ann_dir=a.ann_dir, shuffle=a.shuffle, seed=a.seed,
+                           workers=a.workers, progress=a.progress)
+def _lists_args(p):
+    p.add_argument('dataset', choices=sorted(set(LIST_DATASETS) | set(DATASET_ALIASES)), help='dataset layout')
+    p.add_argument('root', type=Path, help='the dataset folder (as laid out by the prepare commands)')
+    p.add_argument('--out-dir', type=Path, default=None, help='where to write the lists (default: ROOT)')
+    p.add_argument('--format', default='videos', choices=('videos', 'rawframes'), help='default: videos')
+    p.add_argument('--split', type=int, nargs='+', default=None, choices=(1, 2, 3), help='HMDB51/UCF101 splits (default: all present)')
+    p.add_argument('--subsets', nargs='+', default=None, help='subsets to list (default: all present)')
+    p.add_argument('--frames-dir', default=None, help='frame folders, relative to ROOT ({subset} allowed; default rawframes[_{subset}])')
+    p.add_argument('--video-dir', default=None, help='video folder relative to ROOT (default: the dataset layout)')
+    p.add_argument('--ann-dir', default=None, help='annotation folder relative to ROOT (default: the dataset layout)')
+    p.add_argument('--shuffle', action='store_true', help='shuffle the training lists')
+    p.add_argument('--seed', type=int, default=0, help='seed for --shuffle')
+    _common_args(p)
+_prep_lists.add_args = _lists_args
+
+# %% ../nbs/14_cli.ipynb #c471bb
+def build_prepare_parser(prog:str|None=None, command:str|None=None) -> argparse.ArgumentParser:
+    "The argument parser of `vidkit prepare` (all commands), or of one `command` alone (a `data_scripts/` script)."
+    if command is not None:
+        if command not in _PREPARE: raise ValueError(f"unknown command {command!r}: expected one of {', '.join(_PREPARE)}")
+        f, help = _PREPARE[command]
+        p = argparse.ArgumentParser(prog=prog, description=help)
+        f.add_args(p); p.set_defaults(_run=f)
+        return p
+    parser = argparse.ArgumentParser(prog=prog or 'vidkit prepare', description='prepare real video datasets for vidkit')
+    sub = parser.add_subparsers(dest='command', metavar='COMMAND')
+    for name, (f, help) in _PREPARE.items():
+        p = sub.add_parser(name, help=help, description=help)
+        f.add_args(p); p.set_defaults(_run=f)
+    return parser
+
+def prepare_main(argv=None, prog:str|None=None, command:str|None=None) -> int:
+    "Run `vidkit prepare` (or one `command` of it) with `argv`; returns the exit status (0 ok, 1 all failed / error, 2 bad arguments)."
+    parser = build_prepare_parser(prog, command)
+    try: args = parser.parse_args(argv)
+    except SystemExit as e: return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+    if getattr(args, '_run', None) is None:
+        parser.print_help(); return 2
+    try: report = args._run(args)
+    except (PrepareError, DownloadError, VideoDecodeError, AnnotationError, OSError, ValueError) as e:
+        print(f"{parser.prog}{' ' + args.command if getattr(args, 'command', None) else ''}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{parser.prog}: interrupted; run the same command again to go on where it stopped", file=sys.stderr)
+        return 130
+    return report.exit_code
+
+@command('prepare', 'prepare a real dataset (hmdb51, ucf101, kinetics, ssv2) or resize/extract frames/build lists', passthrough=True)
+def prepare(argv): return prepare_main(argv, prog='vidkit prepare')
+
+# %% ../nbs/14_cli.ipynb #c883fb
 @command('bench', 'run the benchmark suite (data, train); same as python -m vidkit.bench', passthrough=True)
 def bench(argv):
     from vidkit.bench import main as bench_main

@@ -9,15 +9,24 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 import yaml
 from fastai.callback.core import Callback, CancelValidException
-from .models import _Registry, _decorator
-from .io import _BACKENDS
+from fastai.metrics import accuracy, error_rate, top_k_accuracy, accuracy_multi, F1Score
+import vidkit.transforms as vt
+from .core import Registry
+from .sampling import SampleFrames
+from .data import SAMPLERS, VideoDataLoaders, sampler_from_cfg
+from .models import MODELS, create_video_model, model_accepts
+from .zoo import resolve_pretrained
+from .metrics import top5_accuracy, MeanClassAccuracy, mAP
+from .optim import LOSSES, OPTIMIZERS, PARAM_GROUPS, SCHEDULES, get_loss, get_optimizer
+from .learner import video_learner
+from .checkpoint import CheckpointCallback, load_checkpoint
+from .io import BACKENDS as _BACKENDS
 
 # %% auto #0
-__all__ = ['LAYOUTS', 'DataRecipe', 'LearnerRecipe', 'FitRecipe', 'EvalRecipe', 'Recipe', 'ConfigError', 'all_keys',
-           'parse_value', 'read_yaml', 'register_transform', 'register_metric', 'list_transforms', 'list_metrics',
-           'build_transforms', 'build_metrics', 'import_modules', 'resolve_recipe', 'layout_files', 'check_recipe',
-           'default_sampler', 'build_sampler', 'build_dls', 'build_learner', 'ValidInterval', 'KeepCheckpoints',
-           'train_callbacks', 'fit_recipe', 'attach_recipe', 'save_recipe', 'recipe_of']
+__all__ = ['LAYOUTS', 'TRANSFORMS', 'METRICS', 'DataRecipe', 'LearnerRecipe', 'FitRecipe', 'EvalRecipe', 'Recipe', 'ConfigError',
+           'all_keys', 'parse_value', 'read_yaml', 'register_transform', 'register_metric', 'list_transforms',
+           'list_metrics', 'recipe_spec', 'build_transforms', 'build_metrics', 'import_modules', 'resolve_recipe',
+           'layout_files', 'check_recipe']
 
 # %% ../nbs/16_config.ipynb #cf006
 LAYOUTS = ('synth', 'list', 'rawframes', 'folder', 'hmdb51', 'ucf101', 'kinetics', 'ssv2')
@@ -176,7 +185,7 @@ def _key_path(key:str, where=None, line=None) -> tuple:
 # %% ../nbs/16_config.ipynb #cf016
 def parse_value(s:str):
     "Type a command-line value as `vidkit run -p` does (bool, None, int, float, YAML list/dict/quoted string, else str)."
-    from vidkit.batch import _infer_value
+    from vidkit.batch import infer_value as _infer_value
     if not isinstance(s, str): return s
     v = _infer_value(s)
     if isinstance(v, str) and s[:1] in ('[', '{'):     # `{type: sgd}` is not valid YAML flow syntax only when unbalanced
@@ -232,45 +241,42 @@ def read_yaml(path) -> tuple[dict, dict]:
     return obj, lines
 
 # %% ../nbs/16_config.ipynb #cf022
-_TRANSFORMS = _Registry('transform', 'list_transforms')
-_METRICS = _Registry('metric', 'list_metrics')
+TRANSFORMS = Registry('transform', 'list_transforms')
+METRICS = Registry('metric', 'list_metrics')
 
 def register_transform(name=None, **default_kw):
     "Decorator: register a clip or batch transform (a class or factory `fn(**kw) -> transform`) as `name`."
-    return _decorator(_TRANSFORMS, name, default_kw)
+    return TRANSFORMS.register(name, **default_kw)
 def register_metric(name=None, **default_kw):
     "Decorator: register `fn(**kw) -> metric` (a fastai metric: a function or a `Metric`) as `name`."
-    return _decorator(_METRICS, name, default_kw)
-def list_transforms(pattern=None): "Registered transform names."; return _TRANSFORMS.names(pattern)
-def list_metrics(pattern=None): "Registered metric names."; return _METRICS.names(pattern)
+    return METRICS.register(name, **default_kw)
+def list_transforms(pattern=None): "Registered transform names."; return TRANSFORMS.names(pattern)
+def list_metrics(pattern=None): "Registered metric names."; return METRICS.names(pattern)
 
 def _register_builtins():
-    import vidkit.transforms as vt
-    from fastai.metrics import accuracy, error_rate, top_k_accuracy, accuracy_multi, F1Score
-    from vidkit.learner import top5_accuracy, MeanClassAccuracy, mAP
     for n in ('Resize', 'RandomResizedCrop', 'MultiScaleCrop', 'RandomCrop', 'CenterCrop', 'ThreeCrop', 'TenCrop', 'Flip',
               'ColorJitter', 'Normalize', 'BatchFlip', 'BatchColorJitter'):
-        if hasattr(vt, n): _TRANSFORMS.add(n, getattr(vt, n))
+        if hasattr(vt, n): TRANSFORMS.add(n, getattr(vt, n))
     def _fixed(m):
         def f(): return m
         return f
     for n, m in (('accuracy', accuracy), ('error_rate', error_rate), ('top5_accuracy', top5_accuracy),
-                 ('accuracy_multi', accuracy_multi)): _METRICS.add(n, _fixed(m))
+                 ('accuracy_multi', accuracy_multi)): METRICS.add(n, _fixed(m))
     def top_k(k:int=5):
         "Top-k accuracy, named `top<k>_accuracy`."
         def f(inp, targ, axis=-1): return top_k_accuracy(inp, targ, k=k, axis=axis)
         f.__name__ = f'top{k}_accuracy'
         return f
-    _METRICS.add('top_k_accuracy', top_k)
-    _METRICS.add('mean_class_accuracy', MeanClassAccuracy)
-    _METRICS.add('mAP', mAP)
-    _METRICS.add('f1', F1Score)
+    METRICS.add('top_k_accuracy', top_k)
+    METRICS.add('mean_class_accuracy', MeanClassAccuracy)
+    METRICS.add('mAP', mAP)
+    METRICS.add('f1', F1Score)
 
 _register_builtins()
 
 # %% ../nbs/16_config.ipynb #cf025
-def _spec(v, key, where=None, line=None) -> tuple[str, dict]:
-    "`'name'` or `{'type': name, **kw}` -> `(name, kw)`."
+def recipe_spec(v, key, where=None, line=None) -> tuple[str, dict]:
+    "A registered name in a recipe, `'name'` or `{'type': name, **kw}`, as `(name, kw)`; a `ConfigError` naming `key` otherwise."
     if isinstance(v, str): return v, {}
     if isinstance(v, dict):
         if 'type' not in v: raise ConfigError(key, f"a mapping needs a 'type' (the registered name), got keys {sorted(v)}", where, line)
@@ -289,7 +295,7 @@ def _check_kwargs(fn, kw:dict, key, what, where=None, line=None, skip=()):
 
 def _lookup(reg, v, key, where=None, line=None, skip=()):
     "`(fn, default kw, kw)` of the registered spec `v`."
-    name, kw = _spec(v, key, where, line)
+    name, kw = recipe_spec(v, key, where, line)
     if name not in reg.fns: raise ConfigError(key, _unknown(reg.what, name, reg.names()), where, line)
     fn, cfg = reg.get(name)
     _check_kwargs(fn, kw, key, f"{reg.what} {name!r}", where, line, skip)
@@ -305,11 +311,11 @@ def _build_each(reg, specs, key:str) -> list:
 
 def build_transforms(specs, key:str='data.item_tfms') -> list:
     "Transforms from registered names or `{type: name, **kw}` mappings."
-    return _build_each(_TRANSFORMS, specs, key)
+    return _build_each(TRANSFORMS, specs, key)
 
 def build_metrics(specs, key:str='learner.metrics') -> list:
     "Metrics from registered names or `{type: name, **kw}` mappings."
-    return _build_each(_METRICS, specs, key)
+    return _build_each(METRICS, specs, key)
 
 # %% ../nbs/16_config.ipynb #cf028
 def import_modules(names, key:str='imports') -> list:
@@ -427,13 +433,6 @@ _NON_NEGATIVE = [('fit', 'epochs'), ('fit', 'freeze_epochs'), ('fit', 'max_keep_
 
 def _is_url(s) -> bool: return isinstance(s, str) and s.startswith(('http://', 'https://'))
 
-def _sampler_registry():
-    "vidkit.data's registered samplers (`register_sampler`) as a registry the checks can look names up in."
-    import vidkit.data as vd
-    r = _Registry('sampler', 'list_samplers')
-    r.fns = dict(vd._SAMPLERS); r.cfgs = {n: {} for n in r.fns}
-    return r
-
 def layout_files(d:DataRecipe) -> dict:
     "The lists, classes file and data roots a layout reads (`{}` for layouts that find their own files)."
     root = Path(d.root) if d.root is not None else None
@@ -473,22 +472,21 @@ def check_recipe(r:Recipe, origin:dict|None=None, command:str='train') -> Recipe
     if r.fit.base_batch_size is not None and not r.fit.auto_scale_lr:
         raise err(('fit', 'base_batch_size'), "is used with fit.auto_scale_lr (--auto-scale-lr)")
     # registered names
-    import vidkit.models as vm, vidkit.learner as vl
     def reg(path, registry, skip=()):
         v = getattr(getattr(r, path[0]), path[1])
         if v is None: return None
         w, ln = origin.get(path, (None, None))
         return _lookup(registry, v, '.'.join(path), w, ln, skip)
     arch = r.learner.arch
-    if arch not in vm._MODELS.fns: raise err(('learner', 'arch'), _unknown('model', arch, vm._MODELS.names()))
-    if r.learner.model_kw: _check_kwargs(vm._MODELS.fns[arch], r.learner.model_kw, 'learner.model_kw', f'model {arch!r}',
+    if arch not in MODELS.fns: raise err(('learner', 'arch'), _unknown('model', arch, MODELS.names()))
+    if r.learner.model_kw: _check_kwargs(MODELS.fns[arch], r.learner.model_kw, 'learner.model_kw', f'model {arch!r}',
                                           *origin.get(('learner', 'model_kw'), (None, None)))
-    reg(('learner', 'loss_func'), vl._LOSSES)
-    reg(('learner', 'opt_func'), vl._OPTIMIZERS, skip=('params',))
-    reg(('learner', 'splitter'), vl._PARAM_GROUPS)
-    reg(('fit', 'schedule'), vl._SCHEDULES, skip=('lr_max',))
-    reg(('data', 'sampler'), _sampler_registry())
-    for sec, key, registry in (('data', 'item_tfms', _TRANSFORMS), ('data', 'batch_tfms', _TRANSFORMS), ('learner', 'metrics', _METRICS)):
+    reg(('learner', 'loss_func'), LOSSES)
+    reg(('learner', 'opt_func'), OPTIMIZERS, skip=('params',))
+    reg(('learner', 'splitter'), PARAM_GROUPS)
+    reg(('fit', 'schedule'), SCHEDULES, skip=('lr_max',))
+    reg(('data', 'sampler'), SAMPLERS)
+    for sec, key, registry in (('data', 'item_tfms', TRANSFORMS), ('data', 'batch_tfms', TRANSFORMS), ('learner', 'metrics', METRICS)):
         w, ln = origin.get((sec, key), (None, None))
         for i, s in enumerate(getattr(getattr(r, sec), key) or []): _lookup(registry, s, f'{sec}.{key}[{i}]', w, ln)
     if r.data.flip_label_map is not None:
@@ -501,7 +499,6 @@ def check_recipe(r:Recipe, origin:dict|None=None, command:str='train') -> Recipe
         raise err(('load_from',), "give learner.pretrained (--pretrained) or load_from (--load-from), not both")
     p = r.learner.pretrained
     if command == 'train' and isinstance(p, str) and p != 'default' and not _is_url(p):
-        from vidkit.zoo import resolve_pretrained
         try: e = resolve_pretrained(p, model=arch)
         except (KeyError, ValueError) as ex: raise err(('learner', 'pretrained'), ex.args[0] if ex.args else str(ex)) from None
         if e is None and not Path(p).expanduser().exists(): raise err(('learner', 'pretrained'), f"{p}: no such file, URL or zoo name (see `vidkit models --pretrained`)")
@@ -530,160 +527,3 @@ def check_recipe(r:Recipe, origin:dict|None=None, command:str='train') -> Recipe
             if not (Path(d.root)/sub).is_dir():
                 raise err(('data', 'root'), f"{Path(d.root)/sub}: folder not found (a folder layout without train/ and valid/ needs data.valid_pct)")
     return r
-
-# %% ../nbs/16_config.ipynb #cf037
-def default_sampler(arch:str, frames:int, model_kw:dict|None=None):
-    "Training sampler for model `arch`: `frames` segments for 2D models, one `frames`-long clip for 3D models."
-    from vidkit.models import create_video_model
-    from vidkit.learner import _model_accepts
-    from vidkit.sampling import SampleFrames
-    kw = dict(model_kw or {})
-    if _model_accepts(arch, 'num_segments'): kw.setdefault('num_segments', frames)
-    cfg = getattr(create_video_model(arch, 2, pretrained=None, **kw), 'default_cfg', None) or {}
-    if cfg.get('kind') == '3d': return SampleFrames(clip_len=frames, frame_interval=cfg.get('frame_interval', 1) or 1, num_clips=1)
-    return SampleFrames(clip_len=1, num_clips=frames)
-
-def build_sampler(r:Recipe):
-    "The training sampler of `r`: `data.sampler` by registered name, else `default_sampler`."
-    from vidkit.data import sampler_from_cfg
-    if r.data.sampler is None: return default_sampler(r.learner.arch, r.data.frames, r.learner.model_kw)
-    name, kw = _spec(r.data.sampler, 'data.sampler')
-    return sampler_from_cfg({'type': name, **kw})
-
-def build_dls(r:Recipe, sampler=None):
-    "The `VideoDataLoaders` of `r.data` (with the `sampler` given, or `build_sampler(r)`)."
-    from vidkit.data import VideoDataLoaders
-    d = r.data
-    kw = dict(sampler=sampler if sampler is not None else build_sampler(r), size=d.size, bs=d.bs, num_workers=d.num_workers)
-    for k in ('short_side', 'val_bs', 'flip', 'flip_label_map'):
-        if getattr(d, k) is not None: kw[k] = getattr(d, k)
-    for k, dflt in (('backend', 'auto'), ('repeat', 1), ('decode_resize', True)):
-        if getattr(d, k) != dflt: kw[k] = getattr(d, k)
-    if d.item_tfms is not None: kw['item_tfms'] = build_transforms(d.item_tfms, 'data.item_tfms')
-    if d.batch_tfms is not None: kw['batch_tfms'] = build_transforms(d.batch_tfms, 'data.batch_tfms')
-    root = Path(d.root)
-    if d.layout == 'synth': return VideoDataLoaders.from_synthetic(root, seed=r.seed, rawframes=d.rawframes, **kw)
-    if d.layout == 'folder': return VideoDataLoaders.from_folder(root, valid_pct=d.valid_pct, seed=r.seed, **kw)
-    if d.layout == 'hmdb51': return VideoDataLoaders.from_hmdb51(root, split=d.split, seed=r.seed, **kw)
-    if d.layout == 'ucf101': return VideoDataLoaders.from_ucf101(root, split=d.split, seed=r.seed, **kw)
-    lists = dict(rawframes=d.rawframes or d.layout == 'rawframes', multi_label=d.multi_label, seed=r.seed)
-    if d.layout in ('kinetics', 'ssv2') and d.data_root is None and d.valid_data_root is None:
-        own = dict(train_list=d.train_list, valid_list=d.valid_list, classes=d.classes)
-        if d.layout == 'kinetics': return VideoDataLoaders.from_kinetics(root, version=d.version, **own, **lists, **kw)
-        return VideoDataLoaders.from_ssv2(root, **own, **lists, **kw)
-    if d.layout == 'ssv2' and d.flip is None and d.flip_label_map is None: kw['flip'] = False
-    f = layout_files(d)
-    return VideoDataLoaders.from_lists(f['train_list'], f['valid_list'], data_root=f['data_root'], valid_data_root=f['valid_data_root'],
-                                       classes=f['classes'], **lists, **kw)
-
-# %% ../nbs/16_config.ipynb #cf040
-def _pretrained(r:Recipe):
-    p = r.learner.pretrained
-    if p is None or p is False: return r.load_from
-    return True if p in ('default', True) else p
-
-def build_learner(r:Recipe, dls, path=None, cbs=None):
-    "The `video_learner` of `r.learner` on `dls` (`path`: where `models/` goes; default `r.work_dir`)."
-    from vidkit.learner import video_learner, get_loss, get_optimizer
-    L = r.learner
-    kw = dict(pretrained=_pretrained(r), path=path or r.work_dir, cbs=cbs)
-    if L.fc_lr5: kw['fc_lr5'] = True
-    if L.loss_func is not None:
-        n, a = _spec(L.loss_func, 'learner.loss_func'); kw['loss_func'] = get_loss(n, **a)
-    if L.opt_func != 'adam':
-        n, a = _spec(L.opt_func, 'learner.opt_func'); kw['opt_func'] = get_optimizer(n, **a)
-    if L.splitter is not None: kw['splitter'] = L.splitter
-    if L.metrics is not None: kw['metrics'] = build_metrics(L.metrics)
-    if L.wd is not None: kw['wd'] = L.wd
-    if L.wd_bn_bias: kw['wd_bn_bias'] = True
-    if L.amp != 'auto': kw['amp'] = L.amp
-    freeze = L.freeze
-    if freeze is None and r.fit.schedule is not None: freeze = False        # a schedule trains the whole model
-    if freeze is not None: kw['freeze'] = freeze
-    return video_learner(dls, L.arch, **kw, **L.model_kw)
-
-# %% ../nbs/16_config.ipynb #cf043
-class ValidInterval(Callback):
-    "Validate every `every` epochs and after the last; skipped epochs record `nan` validation values."
-    order = 51                                    # after the Recorder, whose log it completes
-    def __init__(self, every:int=1): self.every, self._in_fit = int(every), False
-    def before_fit(self): self._in_fit, self._skipped = True, False
-    def after_fit(self): self._in_fit = False
-    def before_validate(self):
-        done = self.epoch + 1
-        self._skipped = self._in_fit and self.every > 1 and done % self.every != 0 and done != self.n_epoch
-        if self._skipped: raise CancelValidException
-    def after_validate(self):
-        if not getattr(self, '_skipped', False): return
-        self._skipped = False
-        rec = self.learn.recorder
-        if rec.valid_metrics: rec.log += [float('nan')] * (1 + len(self.learn.metrics))
-
-class KeepCheckpoints(Callback):
-    "Keep `models/epoch_<k>.pth` (a link to `last.pth`) every `every` epochs, the newest `keep` of them."
-    order = 65                                    # after CheckpointCallback has written last.pth
-    def __init__(self, every:int=1, keep:int=1, fname:str='last'): self.every, self.keep, self.fname = int(every), int(keep), fname
-    def before_epoch(self): self._cancelled = False
-    def after_cancel_epoch(self): self._cancelled = True
-    def after_epoch(self):
-        from fastai.torch_core import rank_distrib
-        done = self.epoch + 1
-        if self._cancelled or rank_distrib() != 0 or not (done % self.every == 0 or done == self.n_epoch): return
-        d = Path(self.learn.path)/self.learn.model_dir
-        src, dst = d/f'{self.fname}.pth', d/f'epoch_{done}.pth'
-        if not src.exists(): return
-        tmp = dst.with_name(f'.{dst.name}.tmp')
-        if tmp.exists(): tmp.unlink()
-        try: os.link(src, tmp)
-        except OSError:
-            import shutil; shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-        old = sorted(d.glob('epoch_*.pth'), key=lambda p: int(p.stem.split('_')[1]) if p.stem.split('_')[1].isdigit() else -1)
-        for p in old[:-self.keep] if self.keep > 0 else []: p.unlink()
-
-def train_callbacks(r:Recipe) -> list:
-    "The training callbacks of `r.fit`: checkpoints, `history.csv`, gradient clipping, validation interval, kept checkpoints."
-    from fastai.callback.progress import CSVLogger
-    from fastai.callback.training import GradientClip
-    from vidkit.learner import CheckpointCallback
-    f = r.fit
-    cbs = [CheckpointCallback(monitor=f.monitor, every_epoch=True if f.ckpt_interval == 1 else f.ckpt_interval),
-           CSVLogger(fname='history.csv')]
-    if f.grad_clip is not None: cbs.append(GradientClip(f.grad_clip))
-    if f.val_interval > 1: cbs.append(ValidInterval(f.val_interval))
-    if f.max_keep_ckpts: cbs.append(KeepCheckpoints(f.ckpt_interval, f.max_keep_ckpts))
-    return cbs
-
-def fit_recipe(learn, r:Recipe, lr:float|None=None, cbs=None):
-    "Fit `learn` as `r.fit` says: `fit_schedule` with a schedule, else `fit_one_cycle` (or `fine_tune` with weights)."
-    f = r.fit
-    lr = lr or f.lr or (1e-3 if _pretrained(r) is None else 2e-3)
-    if f.schedule is not None:
-        n, kw = _spec(f.schedule, 'fit.schedule')
-        return learn.fit_schedule(f.epochs, lr, schedule=n, cbs=cbs, **kw)
-    if _pretrained(r) is None: return learn.fit_one_cycle(f.epochs, lr, cbs=cbs)
-    return learn.fine_tune(f.epochs, lr, freeze_epochs=f.freeze_epochs, cbs=cbs)
-
-# %% ../nbs/16_config.ipynb #cf046
-def attach_recipe(dls, r:Recipe):
-    "Store `r` in `dls.data_cfg['recipe']`, which every vidkit checkpoint keeps."
-    cfg = dict(getattr(dls, 'data_cfg', None) or {})
-    cfg['recipe'] = r.to_dict()
-    dls.data_cfg = cfg
-    return dls
-
-def save_recipe(r:Recipe, path) -> Path:
-    "Write `r` as YAML to `path` (atomically)."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f'.{path.name}.tmp')
-    tmp.write_text(r.to_yaml()); os.replace(tmp, path)
-    return path
-
-def recipe_of(src) -> dict|None:
-    "The recipe dict saved in a vidkit checkpoint (path or loaded dict), a `Recognizer` or DataLoaders; None if there is none."
-    if isinstance(src, (str, Path)):
-        if not str(src).endswith('.pth') or not Path(src).is_file(): return None
-        from vidkit.learner import load_checkpoint
-        src = load_checkpoint(src)
-    cfg = src.get('data_cfg') if isinstance(src, dict) else getattr(src, 'data_cfg', None)
-    return (cfg or {}).get('recipe') if isinstance(cfg, dict) else None

@@ -111,7 +111,7 @@ def atomic_path(path):
     try:
         yield tmp
         if not tmp.exists(): raise FileNotFoundError(f"{path}: nothing was written to the temporary file {tmp.name}")
-        with open(tmp, 'rb+') as f: os.fsync(f.fileno())
+        with open(tmp, 'rb') as f: os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         try: tmp.unlink()

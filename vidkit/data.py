@@ -4,72 +4,57 @@
 
 # %% ../nbs/06_data.ipynb #c003
 from __future__ import annotations
-import dataclasses, difflib, fnmatch, os
+import dataclasses, difflib, importlib.util, os
 from pathlib import Path
 import numpy as np
 import torch
 from fastcore.basics import ifnone, patch
+from fastcore.meta import delegates
 from fastai.data.core import TfmdDL, DataLoaders, get_show_batch_func
 from fastai.data.block import TransformBlock
 from fastai.data.transforms import Category
 from fastai.torch_core import TensorCategory
 from fasttransform import Transform
 from plum import dispatch
-from .core import TensorClip, set_seed, show_frames, clip_to_numpy
+from .core import TensorClip, set_seed, show_frames, clip_to_numpy, Registry
+from .synth import make_synthetic_dataset, flip_label_map
+from .io import load_decoder, AUTO_BACKENDS
 from .sampling import SampleFrames, DenseSampleFrames, UntrimmedSampleFrames
 from .transforms import Resize, MultiScaleCrop, CenterCrop, ThreeCrop, TenCrop, Flip, Normalize, IMAGENET_MEAN, IMAGENET_STD
 from .datasets import (VideoRecord, VideoDataset, RepeatDataset, read_clip, read_video_list, read_rawframe_list,
                              read_folder, read_hmdb51, read_ucf101)
 
 # %% auto #0
-__all__ = ['register_sampler', 'list_samplers', 'sampler_to_cfg', 'sampler_from_cfg', 'build_test_pipeline', 'default_train_tfms',
+__all__ = ['SAMPLERS', 'register_sampler', 'list_samplers', 'sampler_to_cfg', 'sampler_from_cfg', 'default_train_tfms',
            'VideoDataLoaders', 'show_batch', 'show_clip', 'ReadClip', 'VideoBlock']
 
 # %% ../nbs/06_data.ipynb #c006
-_SAMPLERS = {}        # registered name -> sampler class
+SAMPLERS = Registry('sampler', 'list_samplers')
 
 def register_sampler(name=None):
     "Decorator: register a sampler class (a frozen dataclass like `SampleFrames`, with `with_test_mode`) as `name` (default: its class name)."
-    if isinstance(name, type): return register_sampler()(name)        # @register_sampler without a name
-    def deco(cls):
-        _SAMPLERS[name or cls.__name__] = cls
-        return cls
-    return deco
+    return SAMPLERS.register(name)
 
 def list_samplers(pattern:str|None=None) -> list:
     "Registered sampler names, optionally filtered by a shell pattern."
-    names = sorted(_SAMPLERS)
-    return names if pattern is None else [n for n in names if fnmatch.fnmatch(n, pattern)]
+    return SAMPLERS.names(pattern)
 
 for _c in (SampleFrames, DenseSampleFrames, UntrimmedSampleFrames): register_sampler(_c)
 
 def sampler_to_cfg(sampler) -> dict:
     "A JSON-able description of `sampler` (`{'type': 'SampleFrames', 'clip_len': 1, ...}`); `type` is its registered name."
-    name = next((n for n, c in _SAMPLERS.items() if c is type(sampler)), type(sampler).__name__)
+    name = next((n for n, c in SAMPLERS.fns.items() if c is type(sampler)), type(sampler).__name__)
     return {'type': name, **dataclasses.asdict(sampler)}
 
 def sampler_from_cfg(cfg:dict):
     "Rebuild a sampler from `sampler_to_cfg`'s dict; `type` names a registered sampler."
     cfg = dict(cfg); name = cfg.pop('type')
-    if name not in _SAMPLERS:
-        close = difflib.get_close_matches(str(name), list(_SAMPLERS), n=3, cutoff=0.5)
+    if name not in SAMPLERS:
+        close = difflib.get_close_matches(str(name), list(SAMPLERS.fns), n=3, cutoff=0.5)
         raise ValueError(f"unknown sampler {name!r}" + (f"; did you mean {' or '.join(map(repr, close))}?" if close else '')
-                         + f" (registered: {', '.join(_SAMPLERS)}; register your own with vidkit.data.register_sampler, "
+                         + f" (registered: {', '.join(SAMPLERS.names())}; register your own with vidkit.data.register_sampler, "
                          "in a module imported before it is named)")
-    return _SAMPLERS[name](**cfg)
-
-# %% ../nbs/06_data.ipynb #c009
-_CROPS = {1: CenterCrop, 3: ThreeCrop, 10: TenCrop}
-
-def build_test_pipeline(data_cfg:dict, num_crops:int=1, num_clips:int|None=None):
-    "`(sampler, item_tfms, normalize)` for testing/predicting with the recipe `data_cfg` (see `VideoDataLoaders`)."
-    if num_crops not in _CROPS: raise ValueError(f"num_crops should be one of {sorted(_CROPS)}, got {num_crops}")
-    sampler = sampler_from_cfg(data_cfg['sampler']).with_test_mode(True)
-    if num_clips is not None: sampler = dataclasses.replace(sampler, num_clips=num_clips)
-    # as MMAction2: ThreeCrop spans the short side, a centre crop and TenCrop take `size` crops
-    crop = ThreeCrop(data_cfg['short_side']) if num_crops == 3 else _CROPS[num_crops](data_cfg['size'])
-    tfms = [Resize(data_cfg['short_side']), crop]
-    return sampler, tfms, Normalize(data_cfg['mean'], data_cfg['std'])
+    return SAMPLERS.fns[name](**cfg)
 
 # %% ../nbs/06_data.ipynb #c011
 def default_train_tfms(size:int, short_side:int, flip_label_map:dict|None=None, flip:bool=True) -> list:
@@ -91,12 +76,10 @@ def _workers(n): return min(2, os.cpu_count() or 1) if n is None else n
 
 def _import_decoders(records, backend):
     "Import the decoder `backend` will use in this process, before the workers fork: each worker would otherwise import it on its first item (TorchCodec takes seconds)."
-    import importlib.util
-    from vidkit.io import _torchcodec, _decord, AUTO_BACKENDS
     if not records or Path(records[0].path).is_dir() or backend not in ('auto', 'torchcodec', 'decord'): return
     for b in (AUTO_BACKENDS if backend == 'auto' else [backend]):
         if importlib.util.find_spec(b) is None: continue
-        (_torchcodec if b == 'torchcodec' else _decord)()
+        load_decoder(b)
         return
 
 class VideoDataLoaders(DataLoaders):
@@ -151,6 +134,7 @@ class VideoDataLoaders(DataLoaders):
 
 # %% ../nbs/06_data.ipynb #c018
 @patch(cls_method=True)
+@delegates(VideoDataLoaders.from_records)
 def from_lists(cls:VideoDataLoaders, train_list, valid_list, data_root=None, classes=None, rawframes:bool=False,
                valid_data_root=None, multi_label:bool=False, **kwargs):
     "DataLoaders from MMAction2 list files: `path label` videos, or `frame_dir total_frames label` with `rawframes=True`."
@@ -162,6 +146,7 @@ def from_lists(cls:VideoDataLoaders, train_list, valid_list, data_root=None, cla
     return cls.from_records(train, valid, vocab, **kwargs)
 
 @patch(cls_method=True)
+@delegates(VideoDataLoaders.from_records)
 def from_folder(cls:VideoDataLoaders, path, train:str='train', valid:str='valid', valid_pct:float|None=None, seed:int|None=None, **kwargs):
     "DataLoaders from `path/<class>/<video>` (`valid_pct` split) or `path/train/<class>/…` and `path/valid/<class>/…`."
     if valid_pct is not None:
@@ -173,6 +158,7 @@ def from_folder(cls:VideoDataLoaders, path, train:str='train', valid:str='valid'
     return cls.from_records(tr, va, vocab, seed=seed, path=path, **kwargs)
 
 @patch(cls_method=True)
+@delegates(VideoDataLoaders.from_records)
 def from_hmdb51(cls:VideoDataLoaders, root, split:int=1, **kwargs):
     "DataLoaders from the official HMDB51 layout (`videos/<class>/*.avi` + `annotations/<class>_test_split<k>.txt`)."
     tr, vocab = read_hmdb51(root, split=split, subset='train')
@@ -180,6 +166,7 @@ def from_hmdb51(cls:VideoDataLoaders, root, split:int=1, **kwargs):
     return cls.from_records(tr, va, vocab, path=root, **kwargs)
 
 @patch(cls_method=True)
+@delegates(VideoDataLoaders.from_records)
 def from_ucf101(cls:VideoDataLoaders, root, split:int=1, **kwargs):
     "DataLoaders from the official UCF101 layout (`UCF-101/<Class>/*.avi` + `ucfTrainTestlist/`)."
     tr, vocab = read_ucf101(root, split=split, subset='train')
@@ -187,9 +174,9 @@ def from_ucf101(cls:VideoDataLoaders, root, split:int=1, **kwargs):
     return cls.from_records(tr, va, vocab, path=root, **kwargs)
 
 @patch(cls_method=True)
+@delegates(VideoDataLoaders.from_lists)
 def from_synthetic(cls:VideoDataLoaders, root, n_per_class:int|None=None, seed:int=0, rawframes:bool=False, classes=None, **kwargs):
     "DataLoaders on `vidkit.synth`'s dataset in `root` (written first if it is not there), flips mapping direction labels."
-    from vidkit.synth import make_synthetic_dataset, flip_label_map
     root = Path(root)
     synth_kw = {} if n_per_class is None else dict(n_per_class=n_per_class)
     if classes is not None: synth_kw['classes'] = classes
@@ -202,6 +189,7 @@ def from_synthetic(cls:VideoDataLoaders, root, n_per_class:int|None=None, seed:i
                           seed=seed, path=root, **kwargs)
 
 @patch(cls_method=True)
+@delegates(VideoDataLoaders.from_lists)
 def from_kinetics(cls:VideoDataLoaders, root, version:int=400, rawframes:bool=False, train_list=None, valid_list=None,
                   classes=None, **kwargs):
     "DataLoaders from what `vidkit prepare kinetics` writes: `kinetics<V>_{train,val}_list_videos.txt` over `videos_{train,val}/`."
@@ -211,6 +199,7 @@ def from_kinetics(cls:VideoDataLoaders, root, version:int=400, rawframes:bool=Fa
                           rawframes=rawframes, path=root, **kwargs)
 
 @patch(cls_method=True)
+@delegates(VideoDataLoaders.from_lists)
 def from_ssv2(cls:VideoDataLoaders, root, rawframes:bool=False, train_list=None, valid_list=None, classes=None, **kwargs):
     "DataLoaders from what `vidkit prepare ssv2` writes (`sthv2_{train,val}_list_videos.txt` over `videos/`); no flips unless given a `flip_label_map`."
     root, fmt = Path(root), 'rawframes' if rawframes else 'videos'

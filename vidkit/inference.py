@@ -9,21 +9,24 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from fastcore.basics import patch
 from fastai.torch_core import get_model
 from fastai.learner import Learner, load_learner
 from fastai.losses import BCEWithLogitsLossFlat
 from fasttransform import Pipeline
 import vidkit
-from .core import TensorClip
+from .core import TensorClip, to_plain, flat_vocab
 from .datasets import VideoRecord, VideoDataset, RepeatDataset, read_clip
 from .sampling import SampleFrames
 from .transforms import Normalize, CenterCrop, ThreeCrop, TenCrop, MultiScaleCrop, RandomCrop
-from .data import build_test_pipeline, sampler_to_cfg
+from .data import sampler_to_cfg
 from .zoo import resolve_pretrained
-from .learner import atomic_save, checkpoint_state, load_checkpoint, _to_plain, _vocab, _deinterleave, _avg_views, _score_views
+from .checkpoint import atomic_save, model_checkpoint, checkpoint_state, load_checkpoint
+from .views import TestPipeline, build_test_pipeline, score_views, average_views, deinterleave_views
 
 # %% auto #0
-__all__ = ['default_data_cfg', 'Recognizer', 'save_recognizer', 'load_recognizer', 'predict_video', 'export_onnx']
+__all__ = ['default_data_cfg', 'Recognizer', 'save_recognizer', 'load_recognizer', 'as_recognizer', 'predict_video',
+           'export_onnx']
 
 # %% ../nbs/09_inference.ipynb #c007
 _CFG_KEYS = ('sampler', 'short_side', 'size', 'mean', 'std')
@@ -53,16 +56,6 @@ def _check_data_cfg(cfg, where:str) -> dict:
     return cfg
 
 # %% ../nbs/09_inference.ipynb #c010
-@dataclasses.dataclass
-class _Pipeline:
-    "How a video becomes model input: sampler -> reader -> item tfms -> (views) -> normalize."
-    sampler: object
-    tfms: list
-    normalize: object
-    backend: str = 'auto'
-    reader_kw: dict = dataclasses.field(default_factory=dict)
-    n: int = 1                 # > 1: `n` sets of segments sampled together, dealt out as `n` views
-
 def _parse_views(views):
     if views is None: return None
     if isinstance(views, (int, np.integer)): views = (int(views), 1)
@@ -72,26 +65,11 @@ def _parse_views(views):
     if crops not in (1, 3, 10): raise ValueError(f"views: num_crops should be 1, 3 or 10, got {crops}")
     return clips, crops
 
-def _is_segments(sampler) -> bool:
-    return isinstance(sampler, SampleFrames) and sampler.clip_len == 1
-
-def _cfg_pipeline(cfg:dict, views=None) -> _Pipeline:
-    "The pipeline of recipe `cfg` with `views` (see above)."
+def _views_pipeline(cfg:dict, views=None) -> TestPipeline:
+    "The `vidkit.views.TestPipeline` of recipe `cfg` with `views` (see above)."
     clips, crops = _parse_views(views) or (None, 1)
-    sampler, tfms, norm = build_test_pipeline(cfg, num_crops=1)
-    if crops != 1:         # as MMAction2 (and evaluate_views): ThreeCrop spans the short side, TenCrop takes `size` crops
-        crop = ThreeCrop(cfg['short_side']) if crops == 3 else TenCrop(cfg['size'])
-        tfms = [t for t in tfms if not isinstance(t, CenterCrop)] + [crop]
-    n = 1
-    if clips is not None:
-        if _is_segments(sampler):
-            if clips > 1:
-                n = clips
-                sampler = dataclasses.replace(sampler, num_clips=sampler.num_clips * clips, twice_sample=False)
-        elif 'num_clips' in {f.name for f in dataclasses.fields(sampler)}: sampler = dataclasses.replace(sampler, num_clips=clips)
-        else: raise ValueError(f"views: {type(sampler).__name__} takes as many clips as the video holds; give views=(1, num_crops)")
-    reader_kw = {'short_side': int(cfg['short_side'])} if cfg.get('decode_resize') else {}
-    return _Pipeline(sampler, list(tfms), norm, cfg.get('backend') or 'auto', reader_kw, n)
+    try: return build_test_pipeline(cfg, clips, crops)
+    except ValueError as e: raise ValueError(f"views={views!r}: {e}") from None
 
 # %% ../nbs/09_inference.ipynb #c013
 def _num_classes(model):
@@ -117,8 +95,9 @@ def _dls_pipeline(dls):
     if not isinstance(ds, VideoDataset): return None
     norms = [t for t in _fs(getattr(dl, 'after_batch', None)) if isinstance(t, Normalize)]
     if not norms: return None
-    return _Pipeline(ds.sampler.with_test_mode(True), list(ds.tfms.fs), norms[0], ds.backend, dict(ds.reader_kw))
+    return TestPipeline(ds.sampler.with_test_mode(True), list(ds.tfms.fs), norms[0], ds.backend, dict(ds.reader_kw))
 
+# %% ../nbs/09_inference.ipynb #c738fc
 class Recognizer:
     "A trained video model with its class names and test recipe: `rec(src)` -> top-k `[(label, score)]` for a video file, frame folder or URL."
     def __init__(self, model:nn.Module, vocab=None, data_cfg:dict|None=None, multi_label:bool|None=None, device=None,
@@ -151,7 +130,7 @@ class Recognizer:
                           "using the recipe of the model's default_cfg")
         multi = cfg.get('multi_label') if cfg else None
         if multi is None: multi = isinstance(learn.loss_func, BCEWithLogitsLossFlat)
-        return cls(learn.model, _vocab(learn), cfg, multi, device, getattr(learn, 'arch', None),
+        return cls(learn.model, flat_vocab(getattr(dls, 'vocab', None)), cfg, multi, device, getattr(learn, 'arch', None),
                    getattr(learn, 'model_kwargs', None), _pipeline=pipeline)
 
     @property
@@ -162,42 +141,13 @@ class Recognizer:
     def to(self, device) -> Recognizer:
         self.model.to(device); return self
 
-    def pipeline(self, views=None) -> _Pipeline:
+    def pipeline(self, views=None) -> TestPipeline:
         "The sampler, item transforms and normalisation used for `views` (None: the recipe as it is)."
         if views is None and self._pipeline is not None: return self._pipeline
         if self.data_cfg is None:
             raise ValueError("views= needs a data_cfg, and this Recognizer was made from DataLoaders without one; "
                              "make it with Recognizer(model, vocab, data_cfg=...)")
-        return _cfg_pipeline(self.data_cfg, views)
-
-    def load_views(self, src, views=None) -> TensorClip:
-        "The uint8 views `(V, T, C, H, W)` of video `src` the model gets, before normalisation."
-        p = self.pipeline(views)
-        clip = read_clip(src, p.sampler, p.backend, **p.reader_kw)
-        x = Pipeline(p.tfms, split_idx=1)(clip) if p.tfms else clip
-        x = TensorClip(x)
-        if x.ndim == 4: x = x[None]
-        if p.n > 1: x = _deinterleave(x[None], p.n)[0]
-        return x
-
-    def scores(self, src, views=None, average:str='prob', max_views:int=16) -> torch.Tensor:
-        "Class probabilities (softmax; sigmoid when `multi_label`) of `src`, averaged over its views (`average='prob'` or 'score': logits)."
-        if average not in ('prob', 'score'): raise ValueError(f"average should be 'prob' or 'score', got {average!r}")
-        p = self.pipeline(views)
-        x = self.load_views(src, views)
-        was = self.model.training
-        self.model.eval()
-        try: logits = _score_views(self.model, x[None], max(1, int(max_views)), p.normalize)
-        finally: self.model.train(was)
-        s = _avg_views(logits, average, self.multi_label)[0]
-        if average == 'score': s = s.sigmoid() if self.multi_label else s.softmax(-1)
-        return s
-
-    def predict(self, src, topk:int|None=5, views=None, average:str='prob', max_views:int=16) -> list[tuple[str, float]]:
-        "The `topk` classes of video `src` (file, frame folder or URL) as `[(label, score), ...]`, highest score first."
-        return _top(self.scores(src, views, average, max_views), self.vocab, topk)
-
-    __call__ = predict
+        return _views_pipeline(self.data_cfg, views)
 
     def __repr__(self):
         voc = 'None' if self.vocab is None else f"[{', '.join(self.vocab[:4])}{', ...' if len(self.vocab) > 4 else ''}]"
@@ -205,21 +155,47 @@ class Recognizer:
         return (f"Recognizer({self.arch or type(self.model).__name__}, {self.num_classes} classes {voc}, sampler={smp}, "
                 f"multi_label={self.multi_label}, device={self.device})")
 
+# %% ../nbs/09_inference.ipynb #c251ce
+@patch
+def load_views(self:Recognizer, src, views=None) -> TensorClip:
+    "The uint8 views `(V, T, C, H, W)` of video `src` the model gets, before normalisation."
+    p = self.pipeline(views)
+    clip = read_clip(src, p.sampler, p.backend, **p.reader_kw)
+    x = Pipeline(p.tfms, split_idx=1)(clip) if p.tfms else clip
+    x = TensorClip(x)
+    if x.ndim == 4: x = x[None]
+    if p.n > 1: x = deinterleave_views(x[None], p.n)[0]
+    return x
+
+# %% ../nbs/09_inference.ipynb #c367aa
+@patch
+def scores(self:Recognizer, src, views=None, average:str='prob', max_views:int=16) -> torch.Tensor:
+    "Class probabilities (softmax; sigmoid when `multi_label`) of `src`, averaged over its views (`average='prob'` or 'score': logits)."
+    if average not in ('prob', 'score'): raise ValueError(f"average should be 'prob' or 'score', got {average!r}")
+    p = self.pipeline(views)
+    x = self.load_views(src, views)
+    was = self.model.training
+    self.model.eval()
+    try: logits = score_views(self.model, x[None], max(1, int(max_views)), p.normalize)
+    finally: self.model.train(was)
+    s = average_views(logits, average, self.multi_label)[0]
+    if average == 'score': s = s.sigmoid() if self.multi_label else s.softmax(-1)
+    return s
+
+# %% ../nbs/09_inference.ipynb #c894be
 def _top(scores:torch.Tensor, vocab, topk) -> list:
     k = len(scores) if topk is None else max(0, min(int(topk), len(scores)))
     v, i = scores.float().topk(k)
     return [(vocab[j] if vocab is not None else str(j), float(s)) for s, j in zip(v.tolist(), i.tolist())]
 
-# %% ../nbs/09_inference.ipynb #c026
-def _bare_checkpoint(model, arch, model_kwargs, vocab, data_cfg, multi_label) -> dict:
-    "A vidkit checkpoint dict for a model outside a Learner (no optimizer, epoch 0)."
-    model = get_model(model)
-    return {'model': {k: v.detach().cpu() for k, v in model.state_dict().items()},
-            'arch': arch, 'model_kwargs': _to_plain(dict(model_kwargs or {}), 'model_kwargs'), 'num_classes': _num_classes(model),
-            'vocab': None if vocab is None else [str(v) for v in vocab], 'data_cfg': _to_plain(data_cfg, 'data_cfg'),
-            'multi_label': bool(multi_label), 'epoch': 0, 'n_epoch': 0, 'opt': None, 'frozen_idx': 0, 'rng': {},
-            'metrics': {}, 'vidkit_version': vidkit.__version__}
+@patch
+def predict(self:Recognizer, src, topk:int|None=5, views=None, average:str='prob', max_views:int=16) -> list[tuple[str, float]]:
+    "The `topk` classes of video `src` (file, frame folder or URL) as `[(label, score), ...]`, highest score first."
+    return _top(self.scores(src, views, average, max_views), self.vocab, topk)
 
+Recognizer.__call__ = Recognizer.predict
+
+# %% ../nbs/09_inference.ipynb #c026
 def save_recognizer(learn_or_model, path, vocab=None, data_cfg:dict|None=None) -> Path:
     "Write a vidkit checkpoint of a `Learner`, `Recognizer` or `create_video_model` model to `path` atomically, for `load_recognizer`."
     path, obj = Path(path), learn_or_model
@@ -229,18 +205,18 @@ def save_recognizer(learn_or_model, path, vocab=None, data_cfg:dict|None=None) -
             warnings.warn(f"save_recognizer: the learner's DataLoaders carry no data_cfg; {path} will predict with the model's "
                           "default_cfg recipe unless you pass data_cfg=")
     elif isinstance(obj, Recognizer):
-        ck = _bare_checkpoint(obj.model, obj.arch, obj.model_kwargs, obj.vocab, obj.data_cfg, obj.multi_label)
+        ck = model_checkpoint(obj.model, obj.arch, obj.model_kwargs, obj.num_classes, obj.vocab, obj.data_cfg, obj.multi_label)
     elif isinstance(obj, nn.Module):
         ca = dict(getattr(get_model(obj), 'create_args', None) or {})
         arch = ca.pop('name', None); ca.pop('num_classes', None)
-        ck = _bare_checkpoint(obj, arch, ca, None, None, False)
+        ck = model_checkpoint(obj, arch, ca, _num_classes(get_model(obj)))
     else: raise TypeError(f"save_recognizer: expected a Learner, a Recognizer or an nn.Module, got {type(obj).__name__}")
     if not ck.get('arch'):
         raise ValueError(f"{path}: not saved: the model's registry name is unknown, so load_recognizer could not rebuild it; "
                          "make the model with create_video_model(name, ...) or video_learner(dls, 'name')")
     if vocab is not None: ck['vocab'] = [str(v) for v in vocab]
     if data_cfg is not None:
-        ck['data_cfg'] = _to_plain(dict(_check_data_cfg(data_cfg, str(path))), 'data_cfg')
+        ck['data_cfg'] = to_plain(dict(_check_data_cfg(data_cfg, str(path))), 'data_cfg', tensors=True)
         if 'multi_label' in data_cfg: ck['multi_label'] = bool(data_cfg['multi_label'])
     n = ck.get('num_classes')
     if ck['vocab'] is not None and n is not None and len(ck['vocab']) != n:
@@ -302,7 +278,8 @@ def load_recognizer(path, device=None) -> Recognizer:
     return _from_checkpoint(ck, path, device)
 
 # %% ../nbs/09_inference.ipynb #c035
-def _as_recognizer(model, device=None) -> Recognizer:
+def as_recognizer(model, device=None) -> Recognizer:
+    "`model` as a `Recognizer`: a `Recognizer`, a fastai `Learner`, a checkpoint path or zoo name, or an `nn.Module`."
     if isinstance(model, Recognizer): return model.to(device) if device is not None else model
     if isinstance(model, Learner): return Recognizer.from_learner(model, device)
     if isinstance(model, (str, os.PathLike)): return load_recognizer(model, device)
@@ -321,7 +298,7 @@ class _keep_mode:
 def predict_video(model, src, topk:int|None=5, views=None, average:str='prob', device=None, max_views:int=16) -> list[tuple[str, float]]:
     "Top-`topk` `[(label, score), ...]` of video `src` (file, frame folder or http(s) URL) by `model` (Recognizer, Learner, checkpoint path or model)."
     with _keep_mode(model):
-        return _as_recognizer(model, device).predict(src, topk=topk, views=views, average=average, max_views=max_views)
+        return as_recognizer(model, device).predict(src, topk=topk, views=views, average=average, max_views=max_views)
 
 # %% ../nbs/09_inference.ipynb #c044
 def _input_shape(rec:Recognizer) -> tuple:
@@ -362,7 +339,7 @@ def export_onnx(model, path, input_shape=None, opset:int=17, dynamic_batch:bool=
                 atol:float=1e-4, rtol:float=1e-4, dynamo:bool=False) -> Path:
     "Export a video model (Recognizer, Learner, checkpoint path or module) to ONNX: input `clips` float `(B,T,C,H,W)`, output `logits`."
     path = Path(path)
-    with _keep_mode(model): rec = _as_recognizer(model, 'cpu' if isinstance(model, (str, os.PathLike)) else None)
+    with _keep_mode(model): rec = as_recognizer(model, 'cpu' if isinstance(model, (str, os.PathLike)) else None)
     shape = tuple(int(s) for s in (input_shape or _input_shape(rec)))
     if len(shape) != 5 or shape[2] != 3:
         raise ValueError(f"export_onnx: input_shape should be (B, T, 3, H, W), got {shape}")

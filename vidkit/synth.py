@@ -4,15 +4,17 @@
 
 # %% ../nbs/02_synth.ipynb #c004
 from __future__ import annotations
-import os, math, shutil, multiprocessing as mp
-from fractions import Fraction
+import os, json, math, shutil, multiprocessing as mp
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 from typing import NamedTuple, Sequence
 import numpy as np
-from .core import VideoDecodeError
+from PIL import Image
+from .core import atomic_write
+from .io import video_encoder, write_video
 
 # %% auto #0
 __all__ = ['TEMPORAL_PAIRS', 'TEMPORAL_CLASSES', 'APPEARANCE_CLASSES', 'SYNTH_CLASSES', 'TRANSFER_PAIRS', 'TRANSFER_CLASSES',
@@ -219,58 +221,25 @@ def render_synth_clip(cls:str, num_frames:int=32, size=(128, 160), seed:int|np.r
     return _draw(_clip_spec(cls, int(num_frames), H, W, rng))
 
 # %% ../nbs/02_synth.ipynb #c024
-def _encoder(codec):
-    import av
-    for name in dict.fromkeys((codec, 'libx264', 'h264')):
-        if name in av.codecs_available:
-            try:
-                av.codec.Codec(name, 'w'); return name
-            except Exception: pass
-    raise RuntimeError(f"no H.264 encoder in this PyAV build (tried {codec!r}, 'libx264', 'h264')")
-
-class _Mp4Writer:
-    "Encode uint8 (n,H,W,3) RGB frames as an H.264 mp4 at `path` (PyAV); `close()` flushes and returns the packet count."
-    def __init__(self, path, H, W, fps=25, gop_size=12, codec='libx264', crf=20):
-        import av
-        self.av, self.out, self.packets, self.n = av, av.open(str(path), mode='w', format='mp4'), 0, 0
-        self.time_base = Fraction(1, fps)
-        st = self.st = self.out.add_stream(codec, rate=fps)
-        st.width, st.height, st.pix_fmt = W, H, 'yuv420p'
-        st.gop_size = gop_size
-        st.codec_context.thread_count = 1
-        st.codec_context.max_b_frames = 0
-        if codec == 'libx264':
-            st.options = {'crf': str(crf), 'preset': 'veryfast',
-                          # weightp=0, mbtree=0: with these analyses on, libx264 (core 165) output varied from run
-                          # to run (it depended on uninitialised memory), so the same seed did not give the same files
-                          'x264-params': f'keyint={gop_size}:min-keyint={gop_size}:scenecut=0:bframes=0:weightp=0:mbtree=0'}
-    def _mux(self, packets):
-        self.packets += sum(1 for p in packets if p.size)
-        self.out.mux(packets)
-    def write(self, frames):
-        for f in frames:
-            vf = self.av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format='rgb24')
-            vf.pts, vf.time_base = self.n, self.time_base
-            self.n += 1
-            self._mux(self.st.encode(vf))
-    def close(self) -> int:
-        self._mux(self.st.encode())
-        self.out.close()
-        return self.packets
-
-def _tmp_name(p:Path) -> Path: return p.with_name(f'.{p.name}.tmp{os.getpid()}')
-
-def _replace_dir(tmp:Path, dst:Path):
-    if dst.exists(): shutil.rmtree(dst) if dst.is_dir() else dst.unlink()
-    os.replace(tmp, dst)
-
-def _atomic_write_text(path:Path, text:str):
-    tmp = _tmp_name(path)
-    tmp.write_text(text)
-    os.replace(tmp, path)
+@contextmanager
+def _new_folder(path:Path):
+    "Yield an empty temporary folder next to `path`; when the block succeeds it replaces `path`, on an error it is removed."
+    tmp = path.with_name(f'.{path.name}.tmp{os.getpid()}')
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        if path.is_dir() and not path.is_symlink(): shutil.rmtree(path)
+        elif path.exists(): path.unlink()
+        os.replace(tmp, path)
+    finally: shutil.rmtree(tmp, ignore_errors=True)
 
 # %% ../nbs/02_synth.ipynb #c026
 def _video_rng(seed, cls, i): return np.random.default_rng([int(seed), _ALL_CLASSES.index(cls), int(i)])
+
+def _write(job, video:Path, chunks) -> int:
+    "Encode the frame `chunks` as `video` with the job's settings; return the frame count."
+    return write_video(video, chunks, fps=job['fps'], codec=job['codec'], crf=job['crf'], gop=job['gop_size'], deterministic=True)
 
 def _make_one(job) -> int:
     "Write one video (and its rawframes); return its frame count. `job` is a dict (picklable for worker processes)."
@@ -279,32 +248,16 @@ def _make_one(job) -> int:
     T = int(rng.integers(lo, hi + 1))
     H, W = job['size']
     spec = _clip_spec(job['cls'], T, H, W, rng)
-    video, frames = Path(job['video']), job['frames']
-    video.parent.mkdir(parents=True, exist_ok=True)
-    tmp, tdir = _tmp_name(video), None
-    try:
-        if frames is not None:
-            from PIL import Image
-            frames = Path(frames)
-            tdir = _tmp_name(frames)
-            if tdir.exists(): shutil.rmtree(tdir)
-            tdir.mkdir(parents=True)
-        out = _Mp4Writer(tmp, H, W, fps=job['fps'], gop_size=job['gop_size'], codec=job['codec'], crf=job['crf'])
-        chunk = max(1, (8 << 20) // (H * W * 12))   # draw about 8 MB of float32 at a time
+    chunk = max(1, (8 << 20) // (H * W * 12))   # draw about 8 MB of float32 at a time
+    def clips(tdir=None):
         for a in range(0, T, chunk):
             clip = _draw(spec, a, min(a + chunk, T))
-            out.write(clip)
             if tdir is not None:
                 for j, f in enumerate(clip, a + 1):
                     Image.fromarray(f).save(tdir / f'img_{j:05d}.jpg', format='JPEG', quality=job['jpeg_quality'])
-        n = out.close()
-        if n != T: raise VideoDecodeError(video, f"encoded {T} frames but the file holds {n}")
-        if tdir is not None: _replace_dir(tdir, frames)
-        os.replace(tmp, video)
-    finally:
-        if tmp.exists(): tmp.unlink()
-        if tdir is not None and tdir.exists(): shutil.rmtree(tdir)
-    return T
+            yield clip
+    if job['frames'] is None: return _write(job, Path(job['video']), clips())
+    with _new_folder(Path(job['frames'])) as tdir: return _write(job, Path(job['video']), clips(tdir))
 
 def _init_worker():
     try:
@@ -378,7 +331,7 @@ def make_synthetic_dataset(root, n_per_class:int=20, size=(128, 160), num_frames
     if not 0 <= valid_pct < 1: raise ValueError(f"valid_pct must be in [0, 1), got {valid_pct}")
     H, W = _check_size(size)
     lo, hi = _frame_range(num_frames)
-    codec = _encoder(codec)
+    codec = video_encoder('.mp4', codec)
     n, n_val = int(n_per_class), _n_valid(int(n_per_class), valid_pct)
     jobs, meta = [], []
     for label, cls in enumerate(classes):
@@ -403,11 +356,11 @@ def make_synthetic_dataset(root, n_per_class:int=20, size=(128, 160), num_frames
     for sp in ('train', 'val'):
         its = [it for it in items if it.split == sp]
         lists[sp] = root / f'{sp}_list.txt'
-        _atomic_write_text(lists[sp], ''.join(f'videos/{it.cls}/{it.name}.mp4 {it.label}\n' for it in its))
+        atomic_write(lists[sp], ''.join(f'videos/{it.cls}/{it.name}.mp4 {it.label}\n' for it in its))
         if rawframes:
-            _atomic_write_text(root / f'{sp}_rawframes.txt',
+            atomic_write(root / f'{sp}_rawframes.txt',
                                ''.join(f'rawframes/{it.name} {it.num_frames} {it.label}\n' for it in its))
-    _atomic_write_text(root / 'classes.txt', ''.join(f'{c}\n' for c in classes))
+    atomic_write(root / 'classes.txt', ''.join(f'{c}\n' for c in classes))
     return SynthDataset(root=root, videos_dir=root / 'videos', rawframes_dir=root / 'rawframes' if rawframes else None,
                         train_list=lists['train'], val_list=lists['val'],
                         train_rawframes=root / 'train_rawframes.txt' if rawframes else None,
@@ -492,21 +445,14 @@ def _make_untrimmed(job) -> tuple:
         s = _clip_spec(c, b - a, H, W, rng)
         s.bg, s.colour, s.noise_bank, s.noise_offsets = bg, _colour(rng, base).astype(np.float32), noise_bank, offsets[a:b]
         specs.append((a, b, s))
-    video = Path(job['video']); video.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_name(video)
-    try:
-        out = _Mp4Writer(tmp, H, W, fps=job['fps'], gop_size=job['gop_size'], codec=job['codec'], crf=job['crf'])
-        chunk = max(1, (8 << 20) // (H * W * 12))
+    chunk = max(1, (8 << 20) // (H * W * 12))
+    def clips():
         pos = 0
         for a, b, s in specs + [(n, n, None)]:
-            for t in range(pos, a, chunk): out.write(_draw_idle(bg, noise_bank, offsets[t:min(t + chunk, a)]))
-            for t in range(0, b - a, chunk): out.write(_draw(s, t, min(t + chunk, b - a)))
+            for t in range(pos, a, chunk): yield _draw_idle(bg, noise_bank, offsets[t:min(t + chunk, a)])
+            for t in range(0, b - a, chunk): yield _draw(s, t, min(t + chunk, b - a))
             pos = b
-        k = out.close()
-        if k != n: raise VideoDecodeError(video, f"encoded {n} frames but the file holds {k}")
-        os.replace(tmp, video)
-    finally:
-        if tmp.exists(): tmp.unlink()
+    _write(job, Path(job['video']), clips())
     return n, [(int(a), int(b), c) for a, b, c in segs]
 
 # %% ../nbs/02_synth.ipynb #u006
@@ -515,7 +461,6 @@ def make_untrimmed_dataset(root, n_videos:int=40, size=(64, 80), num_frames=(320
                            valid_pct:float=0.25, fps:int=25, feature_interval:int=16, gop_size:int=12, codec:str='libx264',
                            crf:int=20, n_workers:int|None=None) -> UntrimmedDataset:
     "Write untrimmed recordings with action segments of `classes` (default `SYNTH_CLASSES`) and ActivityNet-format ground truth to `root`."
-    import json
     root = Path(root)
     classes = _check_classes(classes)
     if int(n_videos) < 1: raise ValueError(f"n_videos must be >= 1, got {n_videos}")
@@ -527,7 +472,7 @@ def make_untrimmed_dataset(root, n_videos:int=40, size=(64, 80), num_frames=(320
     s_lo, s_hi = (segments, segments) if isinstance(segments, (int, np.integer)) else tuple(segments)
     if not 0 <= s_lo <= s_hi: raise ValueError(f"segments must be an int >= 0 or a range (lo, hi) with 0 <= lo <= hi, got {segments!r}")
     f_lo, f_hi = _frame_range(segment_frames)
-    codec = _encoder(codec)
+    codec = video_encoder('.mp4', codec)
     n, n_val = int(n_videos), _n_valid(int(n_videos), valid_pct)
     jobs = [dict(seed=seed, i=i, size=(H, W), num_frames=(lo, hi), segments=(s_lo, s_hi), segment_frames=(f_lo, f_hi),
                  min_gap=int(min_gap), classes=classes, fps=fps, feature_interval=int(feature_interval), gop_size=gop_size,
@@ -544,6 +489,6 @@ def make_untrimmed_dataset(root, n_videos:int=40, size=(64, 80), num_frames=(320
     files = {}
     for sp in ('train', 'val'):
         files[sp] = root / f'anet_anno_{sp}.json'
-        _atomic_write_text(files[sp], json.dumps({it.name: it.annotation() for it in items if it.split == sp}, indent=1))
-    _atomic_write_text(root / 'classes.txt', ''.join(f'{c}\n' for c in classes))
+        atomic_write(files[sp], json.dumps({it.name: it.annotation() for it in items if it.split == sp}, indent=1))
+    atomic_write(root / 'classes.txt', ''.join(f'{c}\n' for c in classes))
     return UntrimmedDataset(root, root / 'videos', files['train'], files['val'], root / 'classes.txt', classes, items)

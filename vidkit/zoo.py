@@ -12,7 +12,7 @@ from torchvision.models import video as _tv_video
 from .sampling import SampleFrames
 from .transforms import IMAGENET_MEAN, IMAGENET_STD
 from .data import sampler_to_cfg
-from .prepare import download_file, DownloadError
+from .io import download_file, DownloadError
 from .synth import SYNTH_CLASSES
 
 # %% auto #0
@@ -218,12 +218,6 @@ def weights_path(name, cache_dir=None) -> Path:
     "The cached file of weights `name` (it may not exist yet)."
     return weights_dir(cache_dir) / get_pretrained(name).file_name
 
-def _sha256(path:Path) -> str:
-    h = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for b in iter(lambda: f.read(1 << 20), b''): h.update(b)
-    return h.hexdigest()
-
 def _source_url(e:PretrainedWeights, mirror:str|None) -> str:
     mirror = mirror if mirror is not None else os.environ.get(WEIGHTS_MIRROR_ENV) or None
     return f"{mirror.rstrip('/')}/{e.file_name}" if mirror else e.url
@@ -235,18 +229,11 @@ def download_weights(name, cache_dir=None, mirror:str|None=None, progress:bool=T
     dst = weights_path(e, cache_dir)
     if dst.exists(): return dst
     if e.url is None: return build_weights(e, cache_dir, progress=progress)
-    url, got = _source_url(e, mirror), dst.with_name(dst.name + '.download')   # renamed to `dst` once its hash is checked
-    try: download_file(url, got, timeout=timeout, progress=progress)
+    url = _source_url(e, mirror)
+    try: return download_file(url, dst, timeout=timeout, progress=progress, sha256=e.hash_prefix)
     except DownloadError as err:
-        raise WeightsDownloadError(url, f"{err.args[-1] if err.args else err}. Cannot reach it? Download {e.file_name} "
-            f"on another machine and put it in {dst.parent}/ (or set {WEIGHTS_MIRROR_ENV} to a base URL that serves it)") from err
-    want = e.hash_prefix
-    if want and not (h := _sha256(got)).startswith(want):
-        got.unlink()
-        raise WeightsDownloadError(url, f"{e.file_name} has sha256 {h[:16]}..., expected {want[:16]}...; "
-                                        "the file was deleted (a damaged download or a wrong mirror)")
-    os.replace(got, dst)
-    return dst
+        raise WeightsDownloadError(url, f"{err.args[-1] if err.args else err}. If this machine cannot download it, download "
+            f"{e.file_name} on another one and put it in {dst.parent}/ (or set {WEIGHTS_MIRROR_ENV} to a base URL that serves it)") from err
 
 # %% ../nbs/06a_zoo.ipynb #c029
 def build_weights(name, cache_dir=None, progress:bool=True, force:bool=False) -> Path:
