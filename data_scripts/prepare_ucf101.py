@@ -2,14 +2,14 @@
 """Download (or take from ROOT/archives) and unpack UCF101 into ROOT/UCF-101 and ROOT/ucfTrainTestlist, then write its video lists.
 
 Same as `vidkit prepare ucf101 ...`; run with --help for the options, and see README.md in this folder.
-The work is done by `vidkit.prepare` (nbs/10*_prepare*.ipynb); the command line is `vidkit.cli.prepare_main` (nbs/14_cli.ipynb).
+The work is done by `vidkit.prepare` (nbs/10*_prepare*.ipynb); the command line is `vidkit.cli_data.prepare_main` (nbs/14_cli.ipynb).
 """
 import sys
 from pathlib import Path
 
 try: import vidkit  # noqa: F401
 except ImportError: sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-from vidkit.cli import prepare_main
+from vidkit.cli_data import prepare_main
 
 if __name__ == '__main__':
     sys.exit(prepare_main(prog=Path(__file__).name, command='ucf101'))

@@ -49,7 +49,7 @@ def test_yaml_config_reproduces_the_flags_run(synth, tmp_path):
     saved = yaml.safe_load((tmp_path / 'flags' / 'config.yaml').read_text())
     assert saved['learner']['arch'] == 'tsn_r18' and saved['data']['size'] == 32 and saved['seed'] == 3
     ck = _weights(tmp_path / 'flags')
-    assert ck['data_cfg']['recipe'] == saved
+    assert ck['recipe'] == saved
     assert json.loads((tmp_path / 'flags' / 'metrics.json').read_text())['config'] == str(tmp_path / 'flags' / 'config.yaml')
     # the saved config is a config: the same run again
     _train('--config', tmp_path / 'flags' / 'config.yaml', '--set', f'work_dir={tmp_path / "again"}', '--no-bar')
@@ -61,7 +61,7 @@ def test_resume_reuses_the_saved_recipe(synth, tmp_path):
     _train('--arch', 'tsn_r18', '--data', synth.root, '--epochs', 1, '--work-dir', work, *TINY)
     _train('--work-dir', work, '--resume', '--epochs', 2, '--no-bar')
     ck = _weights(work)
-    assert ck['epoch'] == 2 and ck['arch'] == 'tsn_r18' and ck['data_cfg']['recipe']['fit']['epochs'] == 2
+    assert ck['epoch'] == 2 and ck['arch'] == 'tsn_r18' and ck['recipe']['fit']['epochs'] == 2
     other = tmp_path / 'other'
     shutil.copytree(work, other)
     _train('--resume-from', other / 'models' / 'last.pth', '--set', f'work_dir={other}', '--epochs', 3, '--no-bar')
@@ -113,7 +113,7 @@ def test_every_recipe_key_trains(synth, tmp_path):
     assert [math.isnan(float(r.split(',')[2])) for r in rows[1:]] == [True, False, False]      # validated after epochs 2 and 3
     assert sorted(p.name for p in (work / 'models').glob('*.pth')) == ['best.pth', 'epoch_3.pth', 'last.pth']
     ck = _weights(work)
-    assert ck['data_cfg']['sampler']['num_clips'] == 2 and ck['data_cfg']['recipe']['learner']['splitter'] == 'fc_lr5'
+    assert ck['data_cfg']['sampler']['num_clips'] == 2 and ck['recipe']['learner']['splitter'] == 'fc_lr5'
 
 # --- user code: a model, a loss and a sampler registered in a module of the user's -------------------------------------
 
@@ -160,7 +160,7 @@ def test_import_of_user_code_trains_tests_and_predicts(synth, tmp_path):
     ckpt = work / 'models' / 'last.pth'
     ck = _weights(work)
     assert ck['arch'] == 'tiny_avg' and ck['data_cfg']['sampler']['type'] == 'FirstFrames'
-    assert ck['data_cfg']['recipe']['imports'] == ['my_vk_ext']
+    assert ck['recipe']['imports'] == ['my_vk_ext']
     # test: the checkpoint's recipe gives the data (and its imports); --import works as well
     r = run('test', ckpt, '--import', 'my_vk_ext', '--num-clips', 2, '--workers', 0, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
@@ -211,7 +211,8 @@ def _prepared(tmp_path, synth, stem, subs):
 @pytest.mark.parametrize('layout, stem, subs, flips', [('kinetics', 'kinetics400', ('videos_train', 'videos_val'), True),
                                                        ('ssv2', 'sthv2', ('videos', 'videos'), False)])
 def test_kinetics_and_ssv2_layouts(synth, tmp_path, layout, stem, subs, flips):
-    from vidkit.cli import build_parser, make_dls
+    from vidkit.cli import build_parser
+    from vidkit.cli_train import make_dls
     from vidkit.transforms import Flip
     root = _prepared(tmp_path, synth, stem, subs)
     args = build_parser().parse_args(['train', '--layout', layout, '--data', str(root), '--frames', '2', '--size', '32', '--workers', '0'])
@@ -220,7 +221,8 @@ def test_kinetics_and_ssv2_layouts(synth, tmp_path, layout, stem, subs, flips):
     assert any(isinstance(t, Flip) for t in dls.train_ds.tfms.fs) == flips
 
 def test_no_flip_and_flip_label_map(synth, tmp_path, capsys):
-    from vidkit.cli import build_parser, make_dls
+    from vidkit.cli import build_parser
+    from vidkit.cli_train import make_dls
     from vidkit.transforms import Flip
     args = build_parser().parse_args(['train', '--data', str(synth.root), '--size', '32', '--workers', '0', '--no-flip'])
     assert not any(isinstance(t, Flip) for t in make_dls(args).train_ds.tfms.fs)

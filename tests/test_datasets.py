@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest, torch
 from torch.utils.data import DataLoader
 from vidkit.core import VideoDecodeError, TensorClip, worker_init
-from vidkit.io import make_test_video
+from vidkit.encode import make_test_video
 from vidkit.sampling import SampleFrames
 from vidkit.datasets import (VideoRecord, VideoDataset, RepeatDataset, check_videos, read_video_list)
 

@@ -92,7 +92,8 @@ def test_only_rank0_writes_one_set_of_files(run_a):
 
 def test_gathered_metrics_equal_a_single_process_evaluation(run_a, synth):
     "The validation loss and accuracy of the 2-process run are those of the saved model on the 9 clips, in one process."
-    from vidkit.cli import build_parser, make_dls, _sampler_for
+    from vidkit.cli import build_parser
+    from vidkit.cli_train import make_dls, _sampler_for
     from vidkit.learner import video_learner
     from vidkit.checkpoint import load_checkpoint
     torch.set_num_threads(1)
@@ -111,6 +112,50 @@ def test_gathered_metrics_equal_a_single_process_evaluation(run_a, synth):
     # the test can tell: counting the padded clip (the first one, twice) would give another loss
     padded = float(torch.cat([losses, losses[:1]]).mean())
     assert abs(padded - float(valid_loss)) > 1e-4 and abs(float(losses.mean()) - float(valid_loss)) < 1e-5
+
+
+EVAL_VIEWS = textwrap.dedent("""
+    import json, sys
+    from pathlib import Path
+    from vidkit.distributed import setup_distributed, end_distributed
+    from vidkit.inference import load_recognizer
+    from vidkit.data import VideoDataLoaders
+    from vidkit.learner import video_learner
+    from vidkit.views import evaluate_views
+    info = setup_distributed(cpu=True)
+    ckpt, data, out = map(Path, sys.argv[1:4])
+    rec = load_recognizer(ckpt, device='cpu')
+    cfg = rec.data_cfg
+    dls = VideoDataLoaders.from_synthetic(data, size=cfg.size, short_side=cfg.short_side, bs=3, num_workers=0,
+                                          sampler=cfg.build_sampler().with_test_mode(False))
+    res = evaluate_views(video_learner(dls, rec.model), dls.valid_ds.records, num_clips=2, num_crops=3, out=out/'views.npz')
+    (out/f'rank{info.rank}.json').write_text(json.dumps(dict(metrics=res.metrics, scores=res.scores.tolist(),
+                                                              targets=res.targets.tolist(), paths=res.paths, world=info.world_size)))
+    end_distributed(0)
+""")
+
+def test_multi_view_testing_on_two_ranks_equals_one_process(run_a, synth, tmp_path):
+    "evaluate_views under torchrun: each rank scores half the videos; every rank gets the single-process result, rank 0 writes it."
+    import numpy as np
+    ckpt = run_a[0] / 'models' / 'last.pth'
+    script = tmp_path / 'eval_views.py'
+    script.write_text(EVAL_VIEWS)
+    one, two = tmp_path / 'one', tmp_path / 'two'
+    one.mkdir(); two.mkdir()
+    r = _run([sys.executable, str(script), str(ckpt), str(synth), str(one)])
+    assert r.returncode == 0, r.stderr[-4000:]
+    r = _run([TORCHRUN, '--nproc_per_node', '2', '--master_addr', '127.0.0.1', '--master_port', str(_free_port()),
+              str(script), str(ckpt), str(synth), str(two)])
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    a, b0, b1 = (json.loads(p.read_text()) for p in (one / 'rank0.json', two / 'rank0.json', two / 'rank1.json'))
+    assert a['world'] == 1 and b0['world'] == b1['world'] == 2
+    assert b0 == b1                                                     # the same gathered result on both ranks
+    assert len(a['paths']) == 9 and b0['paths'] == a['paths'] and b0['targets'] == a['targets']   # 9 videos, in order, none twice
+    assert torch.allclose(torch.tensor(b0['scores']), torch.tensor(a['scores']), atol=1e-5)
+    assert b0['metrics'] == a['metrics']
+    assert sorted(p.name for p in two.iterdir()) == ['rank0.json', 'rank1.json', 'views.npz']     # one result file
+    with np.load(one / 'views.npz') as z1, np.load(two / 'views.npz') as z2:
+        assert np.allclose(z1['scores'], z2['scores'], atol=1e-5) and list(z1['paths']) == list(z2['paths'])
 
 
 def test_killed_run_resumes_on_two_nodes_to_the_same_weights(run_a, synth, tmp_path):

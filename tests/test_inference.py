@@ -9,7 +9,8 @@ from torch import nn
 
 from vidkit.core import VideoDecodeError
 from vidkit.datasets import VideoRecord
-from vidkit.io import make_test_video, moving_gradient, VideoReader
+from vidkit.encode import make_test_video, moving_gradient
+from vidkit.readers import VideoReader
 from vidkit.models import create_video_model
 from vidkit.sampling import SampleFrames
 from vidkit.data import VideoDataLoaders, sampler_to_cfg
@@ -118,8 +119,8 @@ def test_rawframe_folder(tmp_path, data):
 def test_long_video_reads_only_sampled_frames(data, backend):
     "The reader is asked for the sampled frames only, picked from the header's frame count; views add clips, not frames."
     r3d = create_video_model('r3d_18', 3)
-    cfg = dict(default_data_cfg(r3d), short_side=32, size=32, backend=backend)
-    cfg['sampler'] = sampler_to_cfg(SampleFrames(clip_len=4, frame_interval=2, num_clips=1, test_mode=True))
+    cfg = default_data_cfg(r3d).replace(short_side=32, size=32, backend=backend,
+                                        sampler=sampler_to_cfg(SampleFrames(clip_len=4, frame_interval=2, num_clips=1, test_mode=True)))
     rec = Recognizer(r3d, VOCAB, cfg)
     asked, orig = [], VideoReader.get_frames
     def spy(self, indices):
@@ -143,7 +144,7 @@ def test_checkpoint_round_trip_identical_logits(learn, tmp_path, data):
     m = learn.model.eval()
     dev = next(m.parameters()).device
     rec = load_recognizer(path, device=dev)
-    assert rec.vocab == VOCAB and rec.arch == 'tsn_r18' and rec.data_cfg['size'] == 32 and not rec.model.training
+    assert rec.vocab == VOCAB and rec.arch == 'tsn_r18' and rec.data_cfg.size == 32 and not rec.model.training
     x = torch.randn(2, 4, 3, 32, 32, device=dev)
     with torch.no_grad(): assert torch.equal(rec.model(x), m(x))
     assert torch.equal(rec.scores(data/'clip.mp4'), Recognizer.from_learner(learn).scores(data/'clip.mp4'))
@@ -220,7 +221,7 @@ def test_bad_checkpoints_are_refused_with_the_path(tmp_path, learn):
     with pytest.raises(ValueError, match='bad.pkl: cannot be loaded as an exported fastai learner'): load_recognizer(tmp_path/'bad.pkl')
     ck = torch.load(save_recognizer(learn, tmp_path/'ok.pth'), weights_only=True)
     for key, val, msg in [('arch', None, "has no 'arch'"), ('arch', 'no_such_model', "cannot rebuild model 'no_such_model'"),
-                          ('num_classes', 7, 'the weights do not fit'), ('data_cfg', {'size': 3}, "data_cfg has no 'sampler'")]:
+                          ('num_classes', 7, 'the weights do not fit'), ('data_cfg', {'size': 3}, "clip recipe has no 'sampler'")]:
         torch.save({**ck, key: val}, tmp_path/f'{key}.pth')
         with pytest.raises(ValueError, match=f"{key}.pth: .*{msg}"): load_recognizer(tmp_path/f'{key}.pth')
 

@@ -13,8 +13,9 @@ from torchvision.io import encode_jpeg, write_file
 
 from vidkit.core import VideoDecodeError, worker_init
 import vidkit.io
-from vidkit.io import (make_test_video, moving_gradient, open_video, probe, load_decoder, VideoInfo,
-                       DecordReader, PyAVReader, FrameFolderReader, TorchCodecReader, AUTO_BACKENDS)
+from vidkit.encode import make_test_video, moving_gradient
+from vidkit.readers import PyAVReader, FrameFolderReader
+from vidkit.io import open_video, probe, load_decoder, VideoInfo, DecordReader, TorchCodecReader, AUTO_BACKENDS
 
 HAS_TORCHCODEC = load_decoder('torchcodec') is not None     # optional: needs torchcodec and FFmpeg's shared libraries
 BACKENDS = ['decord', 'pyav'] + (['torchcodec'] if HAS_TORCHCODEC else [])

@@ -3,10 +3,11 @@ import contextlib, csv, io, json, os, re, shutil, subprocess, sys, threading, zi
 from pathlib import Path
 import pytest
 from vidkit.core import VideoDecodeError
-from vidkit.io import make_test_video, open_video, probe
+from vidkit.encode import make_test_video
+from vidkit.io import open_video, probe
 from vidkit.datasets import read_hmdb51, read_ucf101, read_kinetics_csv, read_ssv2, read_video_list, read_rawframe_list
-from vidkit.io import download_file, DownloadError
-from vidkit.cli import prepare_main
+from vidkit.download import download_file, DownloadError
+from vidkit.cli_data import prepare_main
 from vidkit.prepare import (extract_archive, extract_frames, resize_videos, build_file_list, make_mini_archives,
                             prepare_kinetics, MissingToolError, PrepareError, MissingArchivesError, FRAMES_MARKER, SSV2_JSON)
 
@@ -211,7 +212,7 @@ def test_extract_frames_resumes_after_interruption(tmp_path, videos):
     done = {Path(p) for p in rep.done}
     stamps = mtimes(p/FRAMES_MARKER for p in done)
     # what a killed worker leaves: a temporary folder, and a frame folder without its marker (an older, cut run)
-    (dst/'b'/'.v4.tmp99999').mkdir(parents=True); (dst/'b'/'.v4.tmp99999'/'img_00001.jpg').write_bytes(b'x')
+    (dst/'b'/'.v4.99999-0.tmp').mkdir(parents=True); (dst/'b'/'.v4.99999-0.tmp'/'img_00001.jpg').write_bytes(b'x')
     (dst/'b'/'v5').mkdir(); (dst/'b'/'v5'/'img_00001.jpg').write_bytes(b'partial')
     code, out, err = run('extract-frames', videos, dst, '--workers', 2, '--no-progress')
     assert code == 0, err

@@ -71,10 +71,18 @@ def test_finetune_list_layout(tmp_path):
     assert any(k.startswith('head.fc') for k in m['skipped']) and len(m['finetune_history']) == 1
 
 
+# The testing tutorial's defaults (tsm_r18.synth finetuned for 2 epochs on 6 synthetic classes with a new head; chance
+# 0.167), measured with seeds 0, 1, 2 on its 18 test videos: single-view top-1 0.778 / 0.889 / 0.944, 3 clips x 3 crops
+# 0.778 / 0.833 / 0.944 (probabilities) and 0.778 / 0.833 / 0.889 (scores).
+MIN_TESTING_TOP1 = 0.6
+
 def test_testing(tmp_path):
+    "The tutorial's model is worth testing (well above chance, every view set), and `vidkit test` gives the same numbers."
     m = _run('06_testing', tmp_path/'out')
+    assert m['n_classes'] == 6 and m['n_test'] == 18
     for r in m['runs'].values():
-        assert _frac(r['top1_acc']) and _frac(r['top5_acc']) and _frac(r['mean_class_accuracy']) and r['top5_acc'] >= r['top1_acc']
+        assert _frac(r['top5_acc']) and _frac(r['mean_class_accuracy']) and r['top5_acc'] >= r['top1_acc']
+        assert r['top1_acc'] >= MIN_TESTING_TOP1 and r['mean_class_accuracy'] >= MIN_TESTING_TOP1, r
     assert sorted(r['views'] for r in m['runs'].values()) == [1, 9, 9]
     assert m['cli_metrics'] is not None and all(abs(m['cli_metrics'][k] - m[k]) < 1e-4 for k in ('top1_acc', 'top5_acc', 'mean_class_accuracy'))
     assert Path(m['results_file']).is_file() and Path(m['per_class_csv']).is_file() and _png(m['per_class_png'])

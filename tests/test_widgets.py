@@ -13,7 +13,7 @@ from fastai.data.core import DataLoaders
 from fastai.learner import Learner
 from fastai.losses import CrossEntropyLossFlat
 from vidkit.datasets import VideoDataset, VideoRecord
-from vidkit.io import make_test_video
+from vidkit.encode import make_test_video
 from vidkit.sampling import SampleFrames
 from vidkit.widgets import ClipViewer, plot_per_class_accuracy, plot_training_curves
 from vidkit.explorer import PredictionExplorer

@@ -177,7 +177,7 @@ def test_real_entries_are_complete():
     for name in ('tsn_r50.kinetics400', 'tsm_r50.kinetics400', 'i3d_r50.kinetics400', 'r3d_18.kinetics400',
                  'swin3d_t.kinetics400', 'resnet101.imagenet1k_v2', 'tsm_r18.synth'):
         e = get_pretrained(name)
-        assert e.classes and e.recipe['mean'] and e.recipe['std'] and e.recipe['size'] > 0, name
+        assert e.classes and e.recipe.mean and e.recipe.std and e.recipe.size > 0, name
         if e.url:
             assert e.url.startswith('https://') and re.fullmatch(r'[0-9a-f]{8,}', e.hash_prefix), name
             assert e.metrics['top1'] > 50, name

@@ -10,6 +10,9 @@ from fastai.basics import *
 from fastai.callback.all import *
 from fastai.interpret import *
 from .core import *
+from .download import *
+from .encode import *
+from .readers import *
 from .io import *
 from .synth import *
 from .annotations import *

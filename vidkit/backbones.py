@@ -155,6 +155,7 @@ class BasicBlock3d(nn.Module):
         out = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
         return self.relu(out + (x if self.downsample is None else self.downsample(x)))
 
+# %% ../nbs/06b_backbones.ipynb #c026a
 class Bottleneck3d(nn.Module):
     "ResNet bottleneck in 3D (pytorch style: stride on conv2)."
     expansion = 4
@@ -177,6 +178,7 @@ class Bottleneck3d(nn.Module):
         out = self.bn3(self.conv3(out))
         return self.relu(out + (x if self.downsample is None else self.downsample(x)))
 
+# %% ../nbs/06b_backbones.ipynb #c026b
 class ResNet3d(nn.Module):
     "3D ResNet (I3D / SlowOnly family, MMAction2's `ResNet3d`) with torchvision parameter names: (B, 3, T, H, W) -> (B, F, t, h, w)."
     arch_settings = {18: (BasicBlock3d, (2, 2, 2, 2)), 34: (BasicBlock3d, (3, 4, 6, 3)), 50: (Bottleneck3d, (3, 4, 6, 3)),
@@ -223,6 +225,7 @@ class ResNet3d(nn.Module):
             x = self.pool2(x)
         return self.layer4(self.layer3(self.layer2(x)))
 
+# %% ../nbs/06b_backbones.ipynb #c026c
 def _resnet3d_factory(depth):
     def make(**kw):
         m = ResNet3d(depth, **kw)

@@ -333,6 +333,7 @@ def load_sweep(out_dir) -> pd.DataFrame:
         except (OSError, json.JSONDecodeError): continue
     return _table(recs)
 
+# %% ../nbs/11_batch.ipynb #c041a
 def sweep(nb, grid, out_dir, workers:int=1, parameters:dict|None=None, kernel_name:str|None=None, cwd=None,
           timeout:float|None=None, rerun:bool=False, plot:bool=True, verbose:bool=True) -> pd.DataFrame:
     "Run notebook `nb` for every point of `grid` (each in `out_dir/run_NNN_.../`, `workers` at once); return the table of parameters -> metrics."

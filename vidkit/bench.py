@@ -82,6 +82,7 @@ class _BareFrames(torch.utils.data.Dataset):
         idx = SampleFrames(1, num_clips=8)(r.num_frames, None) + 1
         return torch.stack([torch.from_numpy(np.asarray(Image.open(Path(r.path)/f'img_{k:05}.jpg').convert('RGB'))) for k in idx]).permute(0, 3, 1, 2)
 
+# %% ../nbs/13_bench.ipynb #c007a
 def _torchcodec_peer_tfms(x):
     "The recipe's transforms written directly in torchvision, for the 'TorchCodec + same transforms' contender."
     h, w = x.shape[-2:]; s = 128 / min(h, w)
@@ -95,6 +96,7 @@ class _TorchCodecPeer(_BareVideo):
     "TorchCodec decoding + the recipe's transforms in plain torchvision (what a user could write instead of vidkit)."
     def __getitem__(self, i): return _torchcodec_peer_tfms(super().__getitem__(i))
 
+# %% ../nbs/13_bench.ipynb #c007b
 def _mmaction2_loader(paths, bs, workers):
     "MMAction2's own pipeline and DataLoader (mmengine `Runner.build_dataloader`) on the recipe, when mmaction2 is installed."
     import mmaction.datasets  # noqa: F401 -- registers the transforms
@@ -112,6 +114,7 @@ def _mmaction2_loader(paths, bs, workers):
                dataset=dict(type='VideoDataset', ann_file=str(ann), data_prefix=dict(video=''), pipeline=pipeline))
     return Runner.build_dataloader(cfg, seed=0)
 
+# %% ../nbs/13_bench.ipynb #c007c
 def _contender(name:str, spec:dict, n_clips:int, workers:int, bs:int=8) -> dict:
     "Build contender `name`'s loader and time it (run in a fresh process): clips/s, first batch (s), worker peak RSS (MB), main-process and worker CPU per clip (ms)."
     root, rawframes = Path(spec['root']), name.endswith('frames')
@@ -153,6 +156,7 @@ def _contender(name:str, spec:dict, n_clips:int, workers:int, bs:int=8) -> dict:
     return dict(clips_per_s=rate, first_batch_s=first, worker_peak_rss_mb=max(rss) if rss else float('nan'),
                 main_cpu_ms_per_clip=main_cpu, worker_cpu_ms_per_clip=worker_cpu)
 
+# %% ../nbs/13_bench.ipynb #c007d
 def _cpu_of(pid) -> float:
     "CPU seconds (user + system) process `pid` has used so far."
     try: f = Path(f'/proc/{pid}/stat').read_text().rsplit(')', 1)[1].split()
@@ -167,6 +171,7 @@ def _peak_of(pid) -> float:
     except OSError: pass
     return float('nan')
 
+# %% ../nbs/13_bench.ipynb #c007e
 def _run_contender(name:str, spec:dict, n_clips:int, workers:int) -> dict:
     "`_contender` in a fresh Python process (imports, allocator and caches start cold for every contender and round)."
     code = f"import json; from vidkit.bench import _contender; print(json.dumps(_contender({name!r}, {spec!r}, {n_clips}, {workers})))"
@@ -199,6 +204,7 @@ print(json.dumps(dict(after_warmup_mb=r0, end_mb=_rss_mb())))
     d['growth_mb'] = d['end_mb'] - d['after_warmup_mb']
     return d
 
+# %% ../nbs/13_bench.ipynb #c009a
 def _judge(res:dict, min_vs_mmaction2:float=1.1, min_vs_bare:float=0.9, max_first_batch:float=1.5) -> dict:
     "The issue's targets for one data set of `bench_data`: each with its figure and whether it is met (None: not measured)."
     med, out = res['median'], {}
@@ -216,6 +222,7 @@ def _judge(res:dict, min_vs_mmaction2:float=1.1, min_vs_bare:float=0.9, max_firs
         out[label] = dict(value=v, met=None if v is None else bool(ok(v, lim)))
     return out
 
+# %% ../nbs/13_bench.ipynb #c009b
 def bench_data(out_dir=None, n_clips:int=240, workers:int=2, repeats:int=3, leak_clips:int=1000, root=None,
                contenders=None, hd_clips:int|None=None) -> dict:
     "vidkit's loader against bare decoding with each installed decoder, and MMAction2/TorchCodec peers when installed, on MMAction2's TSN recipe; writes `data.json`."

@@ -16,7 +16,8 @@ from fastai.callback.core import Callback, CancelEpochException
 from fastai.callback.tracker import TrackerCallback
 from fastai.learner import Learner
 import vidkit
-from .core import atomic_write, remove_stale_tmp, to_plain, flat_vocab
+from .core import atomic_path, atomic_write, remove_stale_tmp, to_plain, flat_vocab
+from .data import ClipRecipe
 from .learner import is_multi_label
 
 # %% auto #0
@@ -30,15 +31,10 @@ def atomic_save(obj, path) -> Path:
 
 def _link_replace(src:Path, dst:Path) -> bool:
     "Atomically make `dst` a hard link to the complete file `src` (no copy); False where links are not possible."
-    tmp = dst.parent / f'.{dst.name}.{os.getpid()}.link.tmp'
     try:
-        if tmp.exists(): tmp.unlink()
-        os.link(src, tmp); os.replace(tmp, dst)
+        with atomic_path(dst) as tmp: os.link(src, tmp)
         return True
-    except OSError:
-        try: tmp.unlink()
-        except OSError: pass
-        return False
+    except OSError: return False
 
 # %% ../nbs/08a_checkpoint.ipynb #c059
 _RNG_TYPES = (random.Random, np.random.Generator, torch.Generator)
@@ -110,16 +106,16 @@ def _opt_state(opt):
     return to_plain(sd, 'opt', tensors=True)
 
 def model_checkpoint(model, arch:str|None=None, model_kwargs:dict|None=None, num_classes:int|None=None, vocab=None,
-                     data_cfg:dict|None=None, multi_label:bool=False) -> dict:
+                     data_cfg:ClipRecipe|dict|None=None, multi_label:bool=False, recipe:dict|None=None) -> dict:
     "The vidkit checkpoint dict of a model with no training state (see the table above): what `load_recognizer` rebuilds from."
     model = get_model(model)
     return {
         'model': {k: v.detach().cpu() for k, v in model.state_dict().items()},
         'arch': arch, 'model_kwargs': to_plain(dict(model_kwargs or {}), 'model_kwargs', tensors=True),
         'num_classes': None if num_classes is None else int(num_classes), 'vocab': flat_vocab(vocab),
-        'data_cfg': to_plain(data_cfg, 'data_cfg', tensors=True), 'multi_label': bool(multi_label),
+        'data_cfg': None if data_cfg is None else ClipRecipe.from_dict(data_cfg).to_dict(), 'multi_label': bool(multi_label),
         'epoch': 0, 'n_epoch': 0, 'opt': None, 'frozen_idx': 0, 'rng': {}, 'metrics': {},
-        'vidkit_version': vidkit.__version__,
+        'recipe': to_plain(recipe, 'recipe'), 'vidkit_version': vidkit.__version__,
     }
 
 def checkpoint_state(learn, with_opt:bool=True, epoch:int|None=None) -> dict:
@@ -130,7 +126,8 @@ def checkpoint_state(learn, with_opt:bool=True, epoch:int|None=None) -> dict:
     if epoch is None: epoch = len(values)
     last = dict(zip(names, values[-1])) if values else {}
     ck = model_checkpoint(learn.model, getattr(learn, 'arch', None), getattr(learn, 'model_kwargs', {}), getattr(learn, 'num_classes', None),
-                          getattr(learn.dls, 'vocab', None), getattr(learn.dls, 'data_cfg', None), is_multi_label(learn.dls))
+                          getattr(learn.dls, 'vocab', None), getattr(learn.dls, 'data_cfg', None), is_multi_label(learn.dls),
+                          getattr(learn.dls, 'run_recipe', None))
     ck.update({
         'epoch': int(epoch), 'n_epoch': int(getattr(learn, 'n_epoch', epoch) or epoch),
         'opt': _opt_state(learn.opt) if with_opt else None,

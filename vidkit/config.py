@@ -11,7 +11,7 @@ import yaml
 from fastai.callback.core import Callback, CancelValidException
 from fastai.metrics import accuracy, error_rate, top_k_accuracy, accuracy_multi, F1Score
 import vidkit.transforms as vt
-from .core import Registry
+from .core import Registry, to_plain
 from .sampling import SampleFrames
 from .data import SAMPLERS, VideoDataLoaders, sampler_from_cfg
 from .models import MODELS, create_video_model, model_accepts
@@ -61,6 +61,7 @@ class DataRecipe:
     repeat: int = 1
     decode_resize: bool = True
 
+# %% ../nbs/16_config.ipynb #c037df
 @dataclass
 class LearnerRecipe:
     "The arguments of `video_learner`: the model, its weights, loss, optimizer, parameter groups, metrics."
@@ -77,6 +78,7 @@ class LearnerRecipe:
     amp: str|bool = 'auto'
     freeze: bool|None = None               # None: frozen body when finetuning with fine_tune
 
+# %% ../nbs/16_config.ipynb #c527ed
 @dataclass
 class FitRecipe:
     "How to fit: epochs, learning rate and schedule, and the callbacks' settings (clipping, validation, checkpoints)."
@@ -101,6 +103,7 @@ class EvalRecipe:
     average: str = 'prob'
     out: str|None = None
 
+# %% ../nbs/16_config.ipynb #c933aa
 _SECTIONS = {'data': DataRecipe, 'learner': LearnerRecipe, 'fit': FitRecipe, 'test': EvalRecipe}
 
 @dataclass
@@ -118,7 +121,7 @@ class Recipe:
 
     def to_dict(self) -> dict:
         "Plain nested dict (YAML/JSON/checkpoint-safe)."
-        return _plain(dataclasses.asdict(self))
+        return to_plain(dataclasses.asdict(self), 'recipe', tuples=False)
     @classmethod
     def from_dict(cls, d:dict, where:str|None=None) -> Recipe:
         "A checked `Recipe` from a nested (or flat) dict; `where` names the source in errors."
@@ -129,12 +132,6 @@ class Recipe:
         o = self
         for k in _key_path(key, key): o = getattr(o, k)
         return o
-
-def _plain(o):
-    if isinstance(o, dict): return {(k if isinstance(k, (str, int)) else str(k)): _plain(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)): return [_plain(v) for v in o]
-    if isinstance(o, Path): return str(o)
-    return o
 
 # %% ../nbs/16_config.ipynb #cf010
 class ConfigError(ValueError):
@@ -449,15 +446,16 @@ def layout_files(d:DataRecipe) -> dict:
                 classes=d.classes if d.classes is not None else str(root/f'{stem}_classes.txt'),
                 data_root=d.data_root or str(root/sub[0]), valid_data_root=d.valid_data_root or d.data_root or str(root/sub[1]))
 
-def check_recipe(r:Recipe, origin:dict|None=None, command:str='train') -> Recipe:
-    "Check `r`'s registered names (importing `r.imports` first), values, files and layout needs; raise a `ConfigError`. For `command='test'` the weights are not checked."
-    origin = origin or {}
+# %% ../nbs/16_config.ipynb #c638ac
+def _error(origin:dict):
+    "A function `(path, reason) -> ConfigError` naming where `path`'s value came from."
     def err(path, reason):
         w, ln = origin.get(path, (None, None))
         return ConfigError('.'.join(path), reason, w, ln)
-    w, ln = origin.get(('imports',), (None, None))
-    try: import_modules(r.imports)
-    except ConfigError as e: raise ConfigError(e.key, e.reason, w, ln) from None
+    return err
+
+def _check_values(r:Recipe, err):
+    "Choices and ranges of values."
     for path, ok in _CHOICES.items():
         v = getattr(getattr(r, path[0]), path[1])
         if v not in ok or isinstance(v, bool) != any(isinstance(o, bool) and o == v for o in ok):
@@ -471,7 +469,9 @@ def check_recipe(r:Recipe, origin:dict|None=None, command:str='train') -> Recipe
     if r.data.valid_pct is not None and not 0 < r.data.valid_pct < 1: raise err(('data', 'valid_pct'), f"should be between 0 and 1, got {r.data.valid_pct}")
     if r.fit.base_batch_size is not None and not r.fit.auto_scale_lr:
         raise err(('fit', 'base_batch_size'), "is used with fit.auto_scale_lr (--auto-scale-lr)")
-    # registered names
+
+def _check_names(r:Recipe, origin:dict, err):
+    "Every registered name (model, loss, optimizer, parameter groups, schedule, sampler, transforms, metrics) and its arguments."
     def reg(path, registry, skip=()):
         v = getattr(getattr(r, path[0]), path[1])
         if v is None: return None
@@ -493,19 +493,24 @@ def check_recipe(r:Recipe, origin:dict|None=None, command:str='train') -> Recipe
         for k, v in r.data.flip_label_map.items():
             if not all(isinstance(x, int) and not isinstance(x, bool) for x in (k, v)):
                 raise err(('data', 'flip_label_map'), f"maps class indices to class indices ({{0: 1, 1: 0}}), got {k!r}: {v!r}")
-    # weights (what `test` reads comes from its checkpoint)
-    if command != 'train': pass
-    elif r.learner.pretrained is not None and r.load_from is not None:
+
+# %% ../nbs/16_config.ipynb #c510ca
+def _check_weights(r:Recipe, err):
+    "The weights a training run starts from: a zoo name, a file or a URL; `load_from`/`resume_from` checkpoints."
+    arch = r.learner.arch
+    if r.learner.pretrained is not None and r.load_from is not None:
         raise err(('load_from',), "give learner.pretrained (--pretrained) or load_from (--load-from), not both")
     p = r.learner.pretrained
-    if command == 'train' and isinstance(p, str) and p != 'default' and not _is_url(p):
+    if isinstance(p, str) and p != 'default' and not _is_url(p):
         try: e = resolve_pretrained(p, model=arch)
         except (KeyError, ValueError) as ex: raise err(('learner', 'pretrained'), ex.args[0] if ex.args else str(ex)) from None
         if e is None and not Path(p).expanduser().exists(): raise err(('learner', 'pretrained'), f"{p}: no such file, URL or zoo name (see `vidkit models --pretrained`)")
     for path in (('load_from',), ('resume_from',)):
         v = getattr(r, path[0])
-        if command == 'train' and v is not None and not _is_url(v) and not Path(v).exists(): raise err(path, f"{v}: checkpoint not found")
-    # data files
+        if v is not None and not _is_url(v) and not Path(v).exists(): raise err(path, f"{v}: checkpoint not found")
+
+def _check_files(r:Recipe, err):
+    "The data folder, lists, classes file and data roots the layout reads."
     d = r.data
     if d.root is None: raise err(('data', 'root'), "required: the dataset folder (--data)")
     if d.layout != 'synth' and not Path(d.root).exists(): raise err(('data', 'root'), f"{d.root}: data folder not found")
@@ -526,4 +531,17 @@ def check_recipe(r:Recipe, origin:dict|None=None, command:str='train') -> Recipe
         for sub in ('train', 'valid'):
             if not (Path(d.root)/sub).is_dir():
                 raise err(('data', 'root'), f"{Path(d.root)/sub}: folder not found (a folder layout without train/ and valid/ needs data.valid_pct)")
+
+# %% ../nbs/16_config.ipynb #c937fa
+def check_recipe(r:Recipe, origin:dict|None=None, command:str='train') -> Recipe:
+    "Check `r`'s registered names (importing `r.imports` first), values, files and layout needs; raise a `ConfigError`. For `command='test'` the weights are not checked."
+    origin = origin or {}
+    err = _error(origin)
+    w, ln = origin.get(('imports',), (None, None))
+    try: import_modules(r.imports)
+    except ConfigError as e: raise ConfigError(e.key, e.reason, w, ln) from None
+    _check_values(r, err)
+    _check_names(r, origin, err)
+    if command == 'train': _check_weights(r, err)   # what `test` reads comes from its checkpoint
+    _check_files(r, err)
     return r

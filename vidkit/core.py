@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_core.ipynb #c003
 from __future__ import annotations
-import os, random, warnings, tempfile, difflib, fnmatch, itertools
+import os, random, shutil, warnings, tempfile, difflib, fnmatch, itertools
 from collections.abc import Mapping
 from contextlib import contextmanager
 # fastai 2.8 calls the deprecated `torch.jit.script` when it is imported; users cannot act on that warning
@@ -17,7 +17,7 @@ import fastai.torch_core
 
 # %% auto #0
 __all__ = ['VideoDecodeError', 'AnnotationError', 'set_seed', 'worker_init', 'clip_to_numpy', 'TensorClip', 'show_frames',
-           'atomic_path', 'atomic_write', 'remove_stale_tmp', 'to_plain', 'flat_vocab', 'Registry']
+           'atomic_path', 'atomic_write', 'atomic_dir', 'remove_stale_tmp', 'to_plain', 'flat_vocab', 'Registry']
 
 # %% ../nbs/00_core.ipynb #c005
 def _from_worker_text(text:str, name:str):
@@ -126,6 +126,19 @@ def atomic_write(path, data) -> Path:
             if callable(data): data(f)
             else: f.write(data.encode('utf-8') if isinstance(data, str) else bytes(data))
     return Path(path)
+
+@contextmanager
+def atomic_dir(path):
+    "Yield an empty temporary folder next to `path`; when the block succeeds it replaces `path` (a folder or a file), on an error it is removed."
+    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f'.{path.name}.{os.getpid()}-{next(_tmp_counter)}.tmp')
+    shutil.rmtree(tmp, ignore_errors=True); tmp.mkdir()
+    try:
+        yield tmp
+        if path.is_dir() and not path.is_symlink(): shutil.rmtree(path)
+        elif path.exists() or path.is_symlink(): path.unlink()
+        os.replace(tmp, path)
+    finally: shutil.rmtree(tmp, ignore_errors=True)
 
 def remove_stale_tmp(path):
     "Remove temporary files that an earlier, killed atomic write of `path` left behind."

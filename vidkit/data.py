@@ -5,6 +5,7 @@
 # %% ../nbs/06_data.ipynb #c003
 from __future__ import annotations
 import dataclasses, difflib, importlib.util, os
+from dataclasses import dataclass
 from pathlib import Path
 import numpy as np
 import torch
@@ -25,8 +26,8 @@ from .datasets import (VideoRecord, VideoDataset, RepeatDataset, read_clip, read
                              read_folder, read_hmdb51, read_ucf101)
 
 # %% auto #0
-__all__ = ['SAMPLERS', 'register_sampler', 'list_samplers', 'sampler_to_cfg', 'sampler_from_cfg', 'default_train_tfms',
-           'VideoDataLoaders', 'show_batch', 'show_clip', 'ReadClip', 'VideoBlock']
+__all__ = ['SAMPLERS', 'register_sampler', 'list_samplers', 'sampler_to_cfg', 'sampler_from_cfg', 'ClipRecipe',
+           'default_train_tfms', 'VideoDataLoaders', 'show_batch', 'show_clip', 'ReadClip', 'VideoBlock']
 
 # %% ../nbs/06_data.ipynb #c006
 SAMPLERS = Registry('sampler', 'list_samplers')
@@ -55,6 +56,50 @@ def sampler_from_cfg(cfg:dict):
                          + f" (registered: {', '.join(SAMPLERS.names())}; register your own with vidkit.data.register_sampler, "
                          "in a module imported before it is named)")
     return SAMPLERS.fns[name](**cfg)
+
+# %% ../nbs/06_data.ipynb #c247fb
+@dataclass
+class ClipRecipe:
+    "How a model sees a video at test time: the frame sampler (`sampler_to_cfg` form), the resize and crop, the normalisation."
+    sampler: dict                              # e.g. {'type': 'SampleFrames', 'clip_len': 1, 'num_clips': 8, 'test_mode': True, ...}
+    size: int                                  # the crop the model sees
+    short_side: int                            # frames are resized to this short side first
+    mean: tuple = IMAGENET_MEAN
+    std: tuple = IMAGENET_STD
+    backend: str = 'auto'                      # the decoder (`vidkit.io.open_video`)
+    decode_resize: bool = False                # decode at the short side already (decoders that can)
+    multi_label: bool = False                  # sigmoid scores (several labels a video) instead of softmax
+    vocab: list|None = None                    # the class names, when known
+
+    def __post_init__(self):
+        self.sampler, self.size, self.short_side = dict(self.sampler), int(self.size), int(self.short_side)
+        self.mean, self.std = tuple(float(m) for m in self.mean), tuple(float(s) for s in self.std)
+        if self.vocab is not None: self.vocab = [str(v) for v in self.vocab]
+
+    def build_sampler(self):
+        "The sampler, in test mode."
+        return sampler_from_cfg(self.sampler).with_test_mode(True)
+
+    def replace(self, **kw) -> ClipRecipe:
+        "A copy with `kw` changed."
+        return dataclasses.replace(self, **kw)
+
+    def to_dict(self) -> dict:
+        "Plain values only (what a checkpoint, JSON or ONNX metadata holds)."
+        return {**dataclasses.asdict(self), 'mean': list(self.mean), 'std': list(self.std)}
+
+    @classmethod
+    def from_dict(cls, d, where:str='data_cfg') -> ClipRecipe:
+        "A recipe from its `to_dict` form (or a `ClipRecipe`); a `ValueError` naming `where` says what is missing or wrong."
+        if isinstance(d, ClipRecipe): return d
+        if not isinstance(d, dict): raise ValueError(f"{where}: a clip recipe should be a dict, got {type(d).__name__}")
+        need = ('sampler', 'short_side', 'size', 'mean', 'std')
+        missing = [k for k in need if d.get(k) is None]
+        if missing: raise ValueError(f"{where}: the clip recipe has no {', '.join(map(repr, missing))} (it needs {', '.join(need)})")
+        if not isinstance(d['sampler'], dict) or 'type' not in d['sampler']:
+            raise ValueError(f"{where}: the recipe's sampler should be a dict with a 'type' (vidkit.data.sampler_to_cfg), got {d['sampler']!r}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names and v is not None})
 
 # %% ../nbs/06_data.ipynb #c011
 def default_train_tfms(size:int, short_side:int, flip_label_map:dict|None=None, flip:bool=True) -> list:
@@ -108,15 +153,14 @@ class VideoDataLoaders(DataLoaders):
                      persistent_workers=nw > 0)
         dls = cls(TfmdDL(train_ds, bs=bs, shuffle=True, drop_last=len(train_ds) > bs, **dl_kw),
                   TfmdDL(valid_ds, bs=ifnone(val_bs, bs), shuffle=False, **dl_kw), path=path, device=device)
-        dls.data_cfg = dict(sampler=sampler_to_cfg(sampler.with_test_mode(True)), size=size, short_side=short_side,
-                            mean=[float(m) for m in mean], std=[float(s) for s in std], backend=backend,
-                            multi_label=train_ds.multi_label, vocab=list(train_ds.vocab), decode_resize=decode_resize)
+        dls.data_cfg = ClipRecipe(sampler_to_cfg(sampler.with_test_mode(True)), size, short_side, mean, std, backend,
+                                  decode_resize, train_ds.multi_label, list(train_ds.vocab))
         return dls
 
     def new_empty(self):
-        "The same loaders without items (what `Learner.export` keeps), with the recipe `data_cfg`."
+        "The same loaders without items (what `Learner.export` keeps), with their `data_cfg` and `run_recipe`."
         res = super().new_empty()
-        res.data_cfg = getattr(self, 'data_cfg', None)
+        res.data_cfg, res.run_recipe = getattr(self, 'data_cfg', None), getattr(self, 'run_recipe', None)
         return res
 
     def test_dl(self, test_items, rm_type_tfms=None, with_labels:bool=False, **kwargs):

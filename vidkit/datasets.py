@@ -10,6 +10,7 @@ from typing import Sequence
 import numpy as np
 import torch
 from fastcore.meta import delegates
+from fastcore.basics import patch
 from fastprogress.fastprogress import progress_bar
 from fastai.torch_core import TensorCategory, TensorMultiCategory
 from fastai.data.transforms import Category, MultiCategory, CategoryMap
@@ -22,9 +23,6 @@ from .formats import (read_hmdb51, read_ucf101, read_kinetics_csv, read_ssv2, ki
 
 # %% auto #0
 __all__ = ['read_clip', 'VideoDataset', 'RepeatDataset', 'check_videos']
-
-# %% ../nbs/03b_datasets.ipynb #n038
-#| export
 
 # %% ../nbs/03b_datasets.ipynb #c047
 def _decode_error(path, e): return VideoDecodeError(path, e.reason if isinstance(e, VideoDecodeError) else f"{type(e).__name__}: {e}")
@@ -54,6 +52,7 @@ def _frame_indices(rec:VideoRecord, r, sampler):
     seed = None if getattr(sampler, 'test_mode', False) else int(torch.randint(0, 2**62, ()).item())
     return sampler(total, seed) + first
 
+# %% ../nbs/03b_datasets.ipynb #c049a
 @delegates(open_video)
 def read_clip(rec, sampler, backend:str='auto', **kwargs) -> TensorClip:
     "Sample and read the frames of `rec` (a `VideoRecord` or a path): uint8 `(T,C,H,W)`, or `(V,T,C,H,W)` for several views."
@@ -91,23 +90,6 @@ class VideoDataset(torch.utils.data.Dataset):
                              split_idx=self.split_idx)
         self._init_shared()
 
-    def _init_shared(self):
-        "Counters in shared memory, so that DataLoader workers' skips are seen by the main process."
-        # plain shared arrays, no locks (a lock made in a fork context cannot go to a spawned worker): one slot per item,
-        # and the DataLoader gives each index to one worker at a time
-        n = max(len(self.records), 1)
-        self._bad, self._nskip = mp.RawArray(ctypes.c_bool, n), mp.RawArray(ctypes.c_int32, n)
-        self._warned, self._reasons = set(), {}
-
-    def __getstate__(self):
-        d = self.__dict__.copy()
-        if mp.context.get_spawning_popen() is None: d['_bad'] = d['_nskip'] = None  # plain pickling: counts stay here
-        d['_warned'], d['_reasons'] = set(), {}
-        return d
-    def __setstate__(self, d):
-        self.__dict__.update(d)
-        if self._bad is None: self._init_shared()
-
     def __len__(self): return len(self.records)
     @property
     def items(self) -> list:
@@ -126,62 +108,95 @@ class VideoDataset(torch.utils.data.Dataset):
         "Paths found unreadable so far with `on_error='skip'` (all processes)."
         return [str(self.records[j].path) for j in range(len(self.records)) if self._bad[j]]
 
-    def _load(self, i):
-        "The frames of item `i` as a uint8 `TensorClip`, `(T,C,H,W)` or `(V,T,C,H,W)`; any failure is a `VideoDecodeError`."
-        return read_clip(self.records[i], self.sampler, self.backend, **self.reader_kw)
+# %% ../nbs/03b_datasets.ipynb #c050p
+@patch
+def _init_shared(self:VideoDataset):
+    "Counters in shared memory, so that DataLoader workers' skips are seen by the main process."
+    # plain shared arrays, no locks (a lock made in a fork context cannot go to a spawned worker): one slot per item,
+    # and the DataLoader gives each index to one worker at a time
+    n = max(len(self.records), 1)
+    self._bad, self._nskip = mp.RawArray(ctypes.c_bool, n), mp.RawArray(ctypes.c_int32, n)
+    self._warned, self._reasons = set(), {}
 
-    def _load_skipping(self, i):
-        "`(j, clip)` for the first readable item `j` from `i` on (wrapping around), marking bad ones on the way."
-        n = len(self.records)
-        for k in range(n):
-            j = (i + k) % n
-            if self._bad[j]: continue
-            try: clip = self._load(j)
-            except VideoDecodeError as e:
-                self._reasons[j] = e.reason
-                if not self._bad[j]:
-                    self._bad[j] = True
-                    if j not in self._warned:
-                        self._warned.add(j)
-                        warnings.warn(f"on_error='skip': skipping {e.path}: {e.reason}", stacklevel=2)
-                continue
-            if j != i: self._nskip[i] += 1
-            return j, clip
-        rec = self.records[i]
-        raise VideoDecodeError(rec.path, f"{self._reasons.get(i, 'unreadable')}; and with on_error='skip' no other video "
-                                     f"of the {n} in the dataset could be read either")
+@patch
+def __getstate__(self:VideoDataset):
+    d = self.__dict__.copy()
+    if mp.context.get_spawning_popen() is None: d['_bad'] = d['_nskip'] = None  # plain pickling: counts stay here
+    d['_warned'], d['_reasons'] = set(), {}
+    return d
 
-    def label_tensor(self, label):
-        "The label of a record as a tensor: `TensorCategory` (-1 when unlabelled) or a multi-hot `TensorMultiCategory`."
-        if label is None: return TensorCategory(-1)
-        if self.multi_label:
-            t = torch.zeros(len(self.vocab))
-            t[torch.as_tensor(label, dtype=torch.long)] = 1.
-            return TensorMultiCategory(t)
-        return TensorCategory(label)
+@patch
+def __setstate__(self:VideoDataset, d):
+    self.__dict__.update(d)
+    if self._bad is None: self._init_shared()
 
-    def __getitem__(self, i):
-        n = len(self)
-        i = int(i)
-        if i < 0: i += n
-        if not 0 <= i < n: raise IndexError(f"index {i} is out of range for a dataset of {n} items")
-        if self.on_error == 'skip': i, clip = self._load_skipping(i)
-        else: clip = self._load(i)
-        return self.tfms((clip, self.label_tensor(self.records[i].label)))
+# %% ../nbs/03b_datasets.ipynb #c050q
+@patch
+def _load(self:VideoDataset, i):
+    "The frames of item `i` as a uint8 `TensorClip`, `(T,C,H,W)` or `(V,T,C,H,W)`; any failure is a `VideoDecodeError`."
+    return read_clip(self.records[i], self.sampler, self.backend, **self.reader_kw)
 
-    def decode(self, o, full=True):
-        "Undo the item transforms and turn the label back into class name(s): `(TensorClip, Category|MultiCategory)`."
-        clip, label = self.tfms.decode(o, full=full) if len(self.tfms.fs) else o
-        clip = clip if isinstance(clip, TensorClip) else TensorClip(clip)
-        label = torch.as_tensor(label)
-        if self.multi_label and label.ndim == 1:
-            return clip, MultiCategory([self.vocab[j] for j in torch.nonzero(label > 0.5).flatten().tolist()])
-        c = int(label)
-        return clip, Category(self.vocab[c] if 0 <= c < len(self.vocab) else '')
+@patch
+def _load_skipping(self:VideoDataset, i):
+    "`(j, clip)` for the first readable item `j` from `i` on (wrapping around), marking bad ones on the way."
+    n = len(self.records)
+    for k in range(n):
+        j = (i + k) % n
+        if self._bad[j]: continue
+        try: clip = self._load(j)
+        except VideoDecodeError as e:
+            self._reasons[j] = e.reason
+            if not self._bad[j]:
+                self._bad[j] = True
+                if j not in self._warned:
+                    self._warned.add(j)
+                    warnings.warn(f"on_error='skip': skipping {e.path}: {e.reason}", stacklevel=2)
+            continue
+        if j != i: self._nskip[i] += 1
+        return j, clip
+    rec = self.records[i]
+    raise VideoDecodeError(rec.path, f"{self._reasons.get(i, 'unreadable')}; and with on_error='skip' no other video "
+                                 f"of the {n} in the dataset could be read either")
 
-    def new_empty(self):
-        "A dataset like this one without records (what fastai's `Learner.export` keeps)."
-        return type(self)([], self.sampler, list(self.tfms.fs), self.vocab, self.backend, self.on_error, self.split_idx, **self.reader_kw)
+# %% ../nbs/03b_datasets.ipynb #c050r
+@patch
+def label_tensor(self:VideoDataset, label):
+    "The label of a record as a tensor: `TensorCategory` (-1 when unlabelled) or a multi-hot `TensorMultiCategory`."
+    if label is None: return TensorCategory(-1)
+    if self.multi_label:
+        t = torch.zeros(len(self.vocab))
+        t[torch.as_tensor(label, dtype=torch.long)] = 1.
+        return TensorMultiCategory(t)
+    return TensorCategory(label)
+
+# %% ../nbs/03b_datasets.ipynb #c050s
+@patch
+def __getitem__(self:VideoDataset, i):
+    n = len(self)
+    i = int(i)
+    if i < 0: i += n
+    if not 0 <= i < n: raise IndexError(f"index {i} is out of range for a dataset of {n} items")
+    if self.on_error == 'skip': i, clip = self._load_skipping(i)
+    else: clip = self._load(i)
+    return self.tfms((clip, self.label_tensor(self.records[i].label)))
+
+# %% ../nbs/03b_datasets.ipynb #c050t
+@patch
+def decode(self:VideoDataset, o, full=True):
+    "Undo the item transforms and turn the label back into class name(s): `(TensorClip, Category|MultiCategory)`."
+    clip, label = self.tfms.decode(o, full=full) if len(self.tfms.fs) else o
+    clip = clip if isinstance(clip, TensorClip) else TensorClip(clip)
+    label = torch.as_tensor(label)
+    if self.multi_label and label.ndim == 1:
+        return clip, MultiCategory([self.vocab[j] for j in torch.nonzero(label > 0.5).flatten().tolist()])
+    c = int(label)
+    return clip, Category(self.vocab[c] if 0 <= c < len(self.vocab) else '')
+
+# %% ../nbs/03b_datasets.ipynb #c050u
+@patch
+def new_empty(self:VideoDataset):
+    "A dataset like this one without records (what fastai's `Learner.export` keeps)."
+    return type(self)([], self.sampler, list(self.tfms.fs), self.vocab, self.backend, self.on_error, self.split_idx, **self.reader_kw)
 
 # %% ../nbs/03b_datasets.ipynb #c066
 class RepeatDataset(torch.utils.data.Dataset):
@@ -228,6 +243,7 @@ def _check_one(rec, backend, min_frames, reader_kw):
     if n < min_frames: return 'too_short', n, f"{n} frames, fewer than min_frames={min_frames}"
     return 'ok', n, ''
 
+# %% ../nbs/03b_datasets.ipynb #c069a
 @delegates(open_video)
 def check_videos(records, backend:str='auto', min_frames:int=1, num_workers:int|None=None, progress:bool=True,
                  verbose:bool=True, **kwargs):
@@ -252,6 +268,7 @@ def check_videos(records, backend:str='auto', min_frames:int=1, num_workers:int|
     if verbose: print(_summary(df))
     return df
 
+# %% ../nbs/03b_datasets.ipynb #c069b
 def _summary(df, n_show=10):
     counts = df['status'].value_counts()
     lines = [f"{len(df)} videos: " + ', '.join(f"{counts.get(s, 0)} {s}" for s in ('ok', 'unreadable', 'empty', 'too_short'))]

@@ -35,6 +35,7 @@ def use_cpu(cpu:bool|None=None) -> bool:
     if _env_flag('ACCELERATE_USE_CPU'): return True
     return not torch.cuda.is_available()
 
+# %% ../nbs/15a_distributed.ipynb #c006a
 @dataclass
 class DistInfo:
     "Who this process is in a (possibly single-process) run."
@@ -53,6 +54,7 @@ class DistInfo:
     def is_main(self) -> bool: return self.rank == 0
     def as_dict(self) -> dict: return asdict(self)
 
+# %% ../nbs/15a_distributed.ipynb #c006b
 def _int_env(*names, default=None, env=None):
     env = os.environ if env is None else env
     for n in names:
@@ -93,6 +95,7 @@ def _reset_stale_accelerate_state(force:bool=False):
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
 
+# %% ../nbs/15a_distributed.ipynb #c009a
 _warned_no_srun = False
 
 def _warn_if_slurm_without_srun():
@@ -113,6 +116,7 @@ def _missing_message(world:int, missing:list, launcher:str|None) -> str:
     return (f"WORLD_SIZE={world} but {', '.join(missing)} is not set: start the processes with torchrun, "
             "`accelerate launch`, srun, mpirun or vidkit.distributed.notebook_launch")
 
+# %% ../nbs/15a_distributed.ipynb #c009b
 def setup_distributed(cpu:bool|None=None, timeout:float|None=None) -> DistInfo:
     "Join the processes of a multi-process launch (torchrun, accelerate, Slurm's srun, mpirun; NCCL on GPUs, gloo on the CPU); a no-op in a single process."
     if dist.is_available() and dist.is_initialized():           # made by a launcher (debug_launcher) or an earlier call
@@ -280,14 +284,6 @@ class VideoDistributedTrainer(DistributedTrainer):
     def _wrap_dl(self, dl):
         return dl if isinstance(dl, DistributedDL) else VideoDistributedDL(dl, device=_model_device(self.learn.model))
 
-    def _install(self):
-        "Swap in the gathered metrics and loss (done by `distrib_ctx_auto`, undone by `_restore`)."
-        learn = self.learn
-        rec = getattr(learn, 'recorder', None)
-        self._saved = dict(metrics=learn.metrics, loss=getattr(rec, 'loss', None), logger=learn.logger)
-        learn.metrics = [GatheredAvgMetric(m.func, m.name) if type(m) is AvgMetric else m for m in learn.metrics]
-        if rec is not None: object.__setattr__(rec, 'loss', GatheredAvgLoss())   # (Callback.__setattr__ warns: learn.loss exists)
-
     def before_fit(self):
         super().before_fit()
         self.stats = dict(train_items=0, valid_items=0, train_batches=0, valid_batches=0)
@@ -319,30 +315,42 @@ class VideoDistributedTrainer(DistributedTrainer):
         self.learn.distrib_stats = dict(self.stats)
         self._release()
 
-    def _release(self):
-        "Drop accelerate's reference to the `DistributedDataParallel` wrapper (and its gradient buckets) after each fit."
-        # a wrapper that lives on until the interpreter exits holds the process group, and destroying gloo's threads
-        # during interpreter shutdown can abort the process (SIGABRT) after a successful run
-        acc = getattr(self, 'accelerator', None)
-        if acc is not None and getattr(acc, '_models', None): acc.free_memory()
+# %% ../nbs/15a_distributed.ipynb #c027p
+@patch
+def _install(self:VideoDistributedTrainer):
+    "Swap in the gathered metrics and loss (done by `distrib_ctx_auto`, undone by `_restore`)."
+    learn = self.learn
+    rec = getattr(learn, 'recorder', None)
+    self._saved = dict(metrics=learn.metrics, loss=getattr(rec, 'loss', None), logger=learn.logger)
+    learn.metrics = [GatheredAvgMetric(m.func, m.name) if type(m) is AvgMetric else m for m in learn.metrics]
+    if rec is not None: object.__setattr__(rec, 'loss', GatheredAvgLoss())   # (Callback.__setattr__ warns: learn.loss exists)
 
-    def _restore(self):
-        "Undo everything the trainer changed on the learner (also after an exception in the middle of a fit)."
-        learn = self.learn
-        if isinstance(learn.model, nn.parallel.DistributedDataParallel): learn.model = learn.model.module
-        self._release()
-        if hasattr(self, 'old_dls') and any(isinstance(dl, DistributedDL) for dl in learn.dls.loaders):
-            learn.dls.loaders = self.old_dls
-        if self._rng_after is not None: _set_rng_states(self._rng_after); self._rng_after = None
-        for cb in self._muted: cb.run = True
-        self._muted = []
-        if self._saved is not None:
-            learn.metrics = self._saved['metrics']
-            if getattr(learn, 'recorder', None) is not None and self._saved['loss'] is not None:
-                object.__setattr__(learn.recorder, 'loss', self._saved['loss'])
-            learn.logger = self._saved['logger']
-            self._saved = None
-        if hasattr(learn, '_vk_gathered'): del learn._vk_gathered
+@patch
+def _release(self:VideoDistributedTrainer):
+    "Drop accelerate's reference to the `DistributedDataParallel` wrapper (and its gradient buckets) after each fit."
+    # a wrapper that lives on until the interpreter exits holds the process group, and destroying gloo's threads
+    # during interpreter shutdown can abort the process (SIGABRT) after a successful run
+    acc = getattr(self, 'accelerator', None)
+    if acc is not None and getattr(acc, '_models', None): acc.free_memory()
+
+@patch
+def _restore(self:VideoDistributedTrainer):
+    "Undo everything the trainer changed on the learner (also after an exception in the middle of a fit)."
+    learn = self.learn
+    if isinstance(learn.model, nn.parallel.DistributedDataParallel): learn.model = learn.model.module
+    self._release()
+    if hasattr(self, 'old_dls') and any(isinstance(dl, DistributedDL) for dl in learn.dls.loaders):
+        learn.dls.loaders = self.old_dls
+    if self._rng_after is not None: _set_rng_states(self._rng_after); self._rng_after = None
+    for cb in self._muted: cb.run = True
+    self._muted = []
+    if self._saved is not None:
+        learn.metrics = self._saved['metrics']
+        if getattr(learn, 'recorder', None) is not None and self._saved['loss'] is not None:
+            object.__setattr__(learn.recorder, 'loss', self._saved['loss'])
+        learn.logger = self._saved['logger']
+        self._saved = None
+    if hasattr(learn, '_vk_gathered'): del learn._vk_gathered
 
 # %% ../nbs/15a_distributed.ipynb #c028
 @patch

@@ -140,21 +140,6 @@ class PredictionExplorer:
         "Indices of the videos the drop-down offers under the current filter."
         return [v for _, v in self.picker.options]
 
-    @property
-    def topk(self) -> list[tuple[str, float]]:
-        "The top-k `(class name, score)` of the video shown."
-        return [] if self.index is None else self.predictions(self.index)
-
-    @property
-    def mistakes(self) -> list[int]:
-        "Indices of the videos the model gets wrong at top-1 (predicts every video that is not yet predicted)."
-        return [i for i in range(self.n) if self.is_mistake(i)]
-
-    @property
-    def flagged_items(self) -> list:
-        "The flagged videos' records (or names), in dataset order: e.g. to re-check their labels."
-        return [(self.records[i] if self.records is not None else self.names[i]) for i in sorted(self.flagged)]
-
     def _repr_mimebundle_(self, **kwargs): return self.widget._repr_mimebundle_(**kwargs)
     def __repr__(self): return f"PredictionExplorer({self.n} videos, {len(self.flagged)} flagged)"
 
@@ -241,6 +226,17 @@ def is_mistake(self:PredictionExplorer, i:int) -> bool:
     true, pred = self.true_names(i), self.predictions(i)
     return bool(true) and bool(pred) and pred[0][0] not in true
 
+# %% ../nbs/12a_explorer.ipynb #e027p
+@patch(as_prop=True)
+def topk(self:PredictionExplorer) -> list[tuple[str, float]]:
+    "The top-k `(class name, score)` of the video shown."
+    return [] if self.index is None else self.predictions(self.index)
+
+@patch(as_prop=True)
+def mistakes(self:PredictionExplorer) -> list[int]:
+    "Indices of the videos the model gets wrong at top-1 (predicts every video that is not yet predicted)."
+    return [i for i in range(self.n) if self.is_mistake(i)]
+
 # %% ../nbs/12a_explorer.ipynb #e035
 class _ExplorerFrames:
     "The explorer's videos as a dataset for its `ClipViewer`: `(frames, true label)`."
@@ -268,6 +264,7 @@ def _build(self:PredictionExplorer, fps):
                           self.summary])
     self._apply_filter()
 
+# %% ../nbs/12a_explorer.ipynb #e035a
 @patch
 def _option(self:PredictionExplorer, i): return (f"{self.names[i]}  ({self.true_label(i) or 'no label'})", i)
 
@@ -285,6 +282,7 @@ def _apply_filter(self:PredictionExplorer):
     finally: self._busy = False
     self._select(self.picker.value)
 
+# %% ../nbs/12a_explorer.ipynb #e035b
 @patch
 def _select(self:PredictionExplorer, i):
     if self._busy: return
@@ -336,3 +334,9 @@ def show(self:PredictionExplorer, mode:str='all'):
     modes = [v for _, v in self.filter.options]
     if mode not in modes: raise ValueError(f"mode should be one of {modes}, got {mode!r}")
     self.filter.value = mode
+
+# %% ../nbs/12a_explorer.ipynb #e027q
+@patch(as_prop=True)
+def flagged_items(self:PredictionExplorer) -> list:
+    "The flagged videos' records (or names), in dataset order: e.g. to re-check their labels."
+    return [(self.records[i] if self.records is not None else self.names[i]) for i in sorted(self.flagged)]

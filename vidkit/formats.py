@@ -32,6 +32,7 @@ def _num(v, what, path, where):
     if v < 0: raise AnnotationError(path, None, f"{where}: {what} {v} is negative")
     return v
 
+# %% ../nbs/03a_formats.ipynb #c025a
 def read_activitynet(path, data_root=None, classes=None, ext:str='.mp4', subset:str|None=None) -> tuple[list[VideoRecord], list[str]]:
     "One record per annotated segment of an ActivityNet-style JSON (`{video_id: {annotations: [{segment, label}], ...}}`)."
     data = _load_json(path)
@@ -108,6 +109,7 @@ def _pos_int(v, what, path, vid):
     if n == 0: raise AnnotationError(path, None, f"{vid}: {what} is 0 (an empty video)")
     return int(n)
 
+# %% ../nbs/03a_formats.ipynb #l002a
 def read_activitynet_localization(path, data_root=None, ext:str='.mp4', subset:str|None=None,
                                   classes=None) -> tuple[list[LocalizationRecord], list[str]]:
     "One `LocalizationRecord` per video (all its segments) of an ActivityNet-style JSON; and the class names."
@@ -241,6 +243,7 @@ def _index_videos(root, extensions=VIDEO_EXTENSIONS, depth=2):
                 if ext.lower() in exts: idx.setdefault(stem, []).append(e.path)
     return idx
 
+# %% ../nbs/03a_formats.ipynb #c035a
 def read_kinetics_csv(csv_path, video_root, subset:str|None=None, classes=None,
                       extensions=VIDEO_EXTENSIONS) -> tuple[list[VideoRecord], list[str]]:
     "Records for the clips of a Kinetics CSV (`label,youtube_id,time_start,time_end,split`) found under `video_root`."

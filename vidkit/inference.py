@@ -15,11 +15,12 @@ from fastai.learner import Learner, load_learner
 from fastai.losses import BCEWithLogitsLossFlat
 from fasttransform import Pipeline
 import vidkit
-from .core import TensorClip, to_plain, flat_vocab
+from .core import TensorClip, to_plain, flat_vocab, atomic_path
 from .datasets import VideoRecord, VideoDataset, RepeatDataset, read_clip
 from .sampling import SampleFrames
 from .transforms import Normalize, CenterCrop, ThreeCrop, TenCrop, MultiScaleCrop, RandomCrop
-from .data import sampler_to_cfg
+from .data import sampler_to_cfg, ClipRecipe
+from .models import create_video_model
 from .zoo import resolve_pretrained
 from .checkpoint import atomic_save, model_checkpoint, checkpoint_state, load_checkpoint
 from .views import TestPipeline, build_test_pipeline, score_views, average_views, deinterleave_views
@@ -29,31 +30,19 @@ __all__ = ['default_data_cfg', 'Recognizer', 'save_recognizer', 'load_recognizer
            'export_onnx']
 
 # %% ../nbs/09_inference.ipynb #c007
-_CFG_KEYS = ('sampler', 'short_side', 'size', 'mean', 'std')
-
-def default_data_cfg(model) -> dict:
-    "The test recipe a model's `default_cfg` implies, as a `data_cfg` dict (used when a model comes without one)."
+def default_data_cfg(model) -> ClipRecipe:
+    "The `ClipRecipe` a model's `default_cfg` implies (used when a model comes without one)."
     m = get_model(model)
     cfg = getattr(m, 'default_cfg', None)
     if not isinstance(cfg, dict) or not {'input_size', 'mean', 'std'} <= set(cfg):
         raise ValueError(f"{type(m).__name__} has no default_cfg with input_size, mean and std to build a test recipe from; "
-                         "pass data_cfg= (see vidkit.data.VideoDataLoaders' data_cfg)")
+                         "pass data_cfg= (a vidkit.data.ClipRecipe, as VideoDataLoaders' data_cfg)")
     if cfg.get('kind') == '2d' or int(cfg.get('clip_len', 1)) == 1:     # segment sampling: T segments of one frame
         segs = int(getattr(m, 'num_segments', None) or cfg.get('num_segments') or 8)
         sampler = SampleFrames(clip_len=1, num_clips=segs, test_mode=True)
     else: sampler = SampleFrames(clip_len=int(cfg['clip_len']), frame_interval=int(cfg.get('frame_interval', 1)), num_clips=1, test_mode=True)
     size = int(cfg['input_size'])
-    return dict(sampler=sampler_to_cfg(sampler), short_side=int(cfg.get('resize') or round(size * 8 / 7)), size=size,
-                mean=[float(v) for v in cfg['mean']], std=[float(v) for v in cfg['std']], backend='auto', multi_label=False)
-
-def _check_data_cfg(cfg, where:str) -> dict:
-    "`cfg` if it is a usable test recipe, else a ValueError naming `where` and what is missing."
-    if not isinstance(cfg, dict): raise ValueError(f"{where}: data_cfg should be a dict, got {type(cfg).__name__}")
-    missing = [k for k in _CFG_KEYS if cfg.get(k) is None]
-    if missing: raise ValueError(f"{where}: data_cfg has no {', '.join(map(repr, missing))} (a test recipe needs {', '.join(_CFG_KEYS)})")
-    if not isinstance(cfg['sampler'], dict) or 'type' not in cfg['sampler']:
-        raise ValueError(f"{where}: data_cfg['sampler'] should be a dict with a 'type' (vidkit.data.sampler_to_cfg), got {cfg['sampler']!r}")
-    return cfg
+    return ClipRecipe(sampler_to_cfg(sampler), size, int(cfg.get('resize') or round(size * 8 / 7)), cfg['mean'], cfg['std'])
 
 # %% ../nbs/09_inference.ipynb #c010
 def _parse_views(views):
@@ -99,7 +88,7 @@ def _dls_pipeline(dls):
 
 # %% ../nbs/09_inference.ipynb #c738fc
 class Recognizer:
-    "A trained video model with its class names and test recipe: `rec(src)` -> top-k `[(label, score)]` for a video file, frame folder or URL."
+    "A trained video model with its class names and `ClipRecipe`: `rec(src)` -> top-k `[(label, score)]` for a video file, frame folder or URL."
     def __init__(self, model:nn.Module, vocab=None, data_cfg:dict|None=None, multi_label:bool|None=None, device=None,
                  arch:str|None=None, model_kwargs:dict|None=None, _pipeline=None):
         model = get_model(model)
@@ -111,8 +100,8 @@ class Recognizer:
             raise ValueError(f"Recognizer: the vocab has {len(self.vocab)} names but the model has {self.num_classes} classes")
         self._pipeline = _pipeline                # a fixed pipeline (from DataLoaders without data_cfg), else None
         if data_cfg is None and _pipeline is None: data_cfg = default_data_cfg(model)
-        self.data_cfg = None if data_cfg is None else _check_data_cfg(dict(data_cfg), 'Recognizer')
-        if multi_label is None: multi_label = bool((self.data_cfg or {}).get('multi_label', False))
+        self.data_cfg = None if data_cfg is None else ClipRecipe.from_dict(data_cfg, 'Recognizer')
+        if multi_label is None: multi_label = self.data_cfg.multi_label if self.data_cfg is not None else False
         self.multi_label = bool(multi_label)
         ca = dict(getattr(model, 'create_args', None) or {})
         self.arch = arch if arch is not None else ca.pop('name', None)
@@ -128,8 +117,7 @@ class Recognizer:
         if cfg is None and pipeline is None:
             warnings.warn("Recognizer.from_learner: the learner's DataLoaders carry no data_cfg and no VideoDataset pipeline; "
                           "using the recipe of the model's default_cfg")
-        multi = cfg.get('multi_label') if cfg else None
-        if multi is None: multi = isinstance(learn.loss_func, BCEWithLogitsLossFlat)
+        multi = cfg.multi_label if cfg is not None else isinstance(learn.loss_func, BCEWithLogitsLossFlat)
         return cls(learn.model, flat_vocab(getattr(dls, 'vocab', None)), cfg, multi, device, getattr(learn, 'arch', None),
                    getattr(learn, 'model_kwargs', None), _pipeline=pipeline)
 
@@ -151,7 +139,7 @@ class Recognizer:
 
     def __repr__(self):
         voc = 'None' if self.vocab is None else f"[{', '.join(self.vocab[:4])}{', ...' if len(self.vocab) > 4 else ''}]"
-        smp = (self.data_cfg or {}).get('sampler', {}).get('type') if self.data_cfg else type(self._pipeline.sampler).__name__
+        smp = self.data_cfg.sampler['type'] if self.data_cfg is not None else type(self._pipeline.sampler).__name__
         return (f"Recognizer({self.arch or type(self.model).__name__}, {self.num_classes} classes {voc}, sampler={smp}, "
                 f"multi_label={self.multi_label}, device={self.device})")
 
@@ -196,7 +184,7 @@ def predict(self:Recognizer, src, topk:int|None=5, views=None, average:str='prob
 Recognizer.__call__ = Recognizer.predict
 
 # %% ../nbs/09_inference.ipynb #c026
-def save_recognizer(learn_or_model, path, vocab=None, data_cfg:dict|None=None) -> Path:
+def save_recognizer(learn_or_model, path, vocab=None, data_cfg:ClipRecipe|dict|None=None) -> Path:
     "Write a vidkit checkpoint of a `Learner`, `Recognizer` or `create_video_model` model to `path` atomically, for `load_recognizer`."
     path, obj = Path(path), learn_or_model
     if isinstance(obj, Learner):
@@ -216,8 +204,8 @@ def save_recognizer(learn_or_model, path, vocab=None, data_cfg:dict|None=None) -
                          "make the model with create_video_model(name, ...) or video_learner(dls, 'name')")
     if vocab is not None: ck['vocab'] = [str(v) for v in vocab]
     if data_cfg is not None:
-        ck['data_cfg'] = to_plain(dict(_check_data_cfg(data_cfg, str(path))), 'data_cfg', tensors=True)
-        if 'multi_label' in data_cfg: ck['multi_label'] = bool(data_cfg['multi_label'])
+        r = ClipRecipe.from_dict(data_cfg, str(path))
+        ck['data_cfg'], ck['multi_label'] = r.to_dict(), r.multi_label
     n = ck.get('num_classes')
     if ck['vocab'] is not None and n is not None and len(ck['vocab']) != n:
         raise ValueError(f"{path}: not saved: the vocab has {len(ck['vocab'])} names but the model has {n} classes")
@@ -227,7 +215,6 @@ def save_recognizer(learn_or_model, path, vocab=None, data_cfg:dict|None=None) -
 def _default_device(): return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
 
 def _from_checkpoint(ck:dict, path:Path, device) -> Recognizer:
-    from vidkit.models import create_video_model
     missing = [k for k in ('arch', 'num_classes') if not ck.get(k)]
     if missing:
         raise ValueError(f"{path}: the vidkit checkpoint has no {' or '.join(map(repr, missing))}, so the model cannot be rebuilt "
@@ -239,19 +226,18 @@ def _from_checkpoint(ck:dict, path:Path, device) -> Recognizer:
     except RuntimeError as e:
         raise ValueError(f"{path}: the weights do not fit {ck['arch']!r} with {ck.get('model_kwargs') or {}}: {str(e)[:500]}") from e
     cfg = ck.get('data_cfg')
-    if cfg is not None: _check_data_cfg(cfg, str(path))
+    if cfg is not None: cfg = ClipRecipe.from_dict(cfg, str(path))
     ml = ck.get('multi_label')
-    if ml is None and cfg is not None: ml = cfg.get('multi_label')
+    if ml is None and cfg is not None: ml = cfg.multi_label
     return Recognizer(model, ck.get('vocab'), cfg, ml, device, ck['arch'], ck.get('model_kwargs'))
 
 def _from_zoo(entry, device) -> Recognizer:
-    from vidkit.models import create_video_model
     if entry.backbone_only or not entry.classes:
         raise ValueError(f"{entry.name} holds {entry.dataset} backbone weights, not a video recognizer; finetune them: "
                          f"video_learner(dls, {entry.model!r}, pretrained={entry.name!r})")
     model = create_video_model(entry.model, len(entry.classes), pretrained=entry)
     kwargs = {k: v for k, v in model.create_args.items() if k not in ('name', 'num_classes')}
-    return Recognizer(model, list(entry.classes), entry.data_cfg, False, device, entry.model, kwargs)
+    return Recognizer(model, list(entry.classes), entry.recipe, False, device, entry.model, kwargs)
 
 def load_recognizer(path, device=None) -> Recognizer:
     "A `Recognizer` from zoo weights (`'tsm_r50.kinetics400'`), a vidkit checkpoint (`.pth`, read weights-only) or a learner exported with `learn.export()` (`.pkl`)."
@@ -305,7 +291,7 @@ def _input_shape(rec:Recognizer) -> tuple:
     "`(1, T, 3, H, W)` of one view of the recipe of `rec`."
     p = rec.pipeline()
     t = int(p.sampler.frames_per_view)
-    if rec.data_cfg is not None: size = rec.data_cfg['size']
+    if rec.data_cfg is not None: size = rec.data_cfg.size
     else:
         crops = [t_ for t_ in p.tfms if isinstance(t_, (CenterCrop, MultiScaleCrop, RandomCrop))]
         if not crops: raise ValueError("export_onnx: cannot tell the crop size from the pipeline; pass input_shape=(1, T, 3, H, W)")
@@ -314,7 +300,7 @@ def _input_shape(rec:Recognizer) -> tuple:
     return (1, t, 3, int(h), int(w))
 
 def _onnx_metadata(rec:Recognizer, shape) -> dict:
-    cfg = rec.data_cfg
+    cfg = rec.data_cfg.to_dict() if rec.data_cfg is not None else None
     return {'vidkit.input': f"clips: float32 (B, T, C, H, W) = (uint8 / 255 - mean) / std; exported with {list(shape)}",
             'vidkit.vocab': json.dumps(rec.vocab), 'vidkit.data_cfg': json.dumps(cfg),
             'vidkit.multi_label': json.dumps(rec.multi_label), 'vidkit.arch': str(rec.arch), 'vidkit.version': vidkit.__version__}
@@ -345,10 +331,7 @@ def export_onnx(model, path, input_shape=None, opset:int=17, dynamic_batch:bool=
         raise ValueError(f"export_onnx: input_shape should be (B, T, 3, H, W), got {shape}")
     m = copy.deepcopy(rec.model).cpu().float().eval()
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:                      # the .onnx suffix kept: onnx picks the format from it
         kw = dict(input_names=['clips'], output_names=['logits'], opset_version=opset)
         if dynamo:
             try: import onnxscript  # noqa: F401
@@ -369,7 +352,4 @@ def export_onnx(model, path, input_shape=None, opset:int=17, dynamic_batch:bool=
             onnx.helper.set_model_props(proto, _onnx_metadata(rec, shape))
             onnx.save(proto, tmp)
         if verify: _ort_check(tmp, m, shape, dynamic_batch, atol, rtol)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp): os.unlink(tmp)
     return path

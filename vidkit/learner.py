@@ -21,6 +21,7 @@ from fastai.vision.data import get_grid
 from plum import dispatch
 from .core import TensorClip, to_plain
 from .transforms import Normalize
+from .data import ClipRecipe
 from .models import create_video_model, video_splitter, model_accepts
 from .weights import load_pretrained
 from .metrics import top5_accuracy, mAP
@@ -33,15 +34,15 @@ __all__ = ['is_multi_label', 'video_learner', 'follow_pretrained_recipe', 'show_
 def _data_cfg(dls): return getattr(dls, 'data_cfg', None)
 
 def is_multi_label(dls) -> bool:
-    "Whether `dls` hold multi-label data (`data_cfg['multi_label']`, or a BCE loss on the dataset)."
+    "Whether `dls` hold multi-label data (`dls.data_cfg.multi_label`, or a BCE loss on the dataset)."
     cfg = _data_cfg(dls)
-    if cfg is not None and 'multi_label' in cfg: return bool(cfg['multi_label'])
+    if cfg is not None: return cfg.multi_label
     return isinstance(getattr(getattr(dls, 'train_ds', None), 'loss_func', None), BCEWithLogitsLossFlat)
 
 def _model_kwargs_from_data(arch:str, data_cfg) -> dict:
     "Model keyword arguments implied by the data (frames per clip for segment-sampling models)."
-    if not data_cfg: return {}
-    smp = data_cfg.get('sampler') or {}
+    if data_cfg is None: return {}
+    smp = data_cfg.sampler
     kw = {}
     if int(smp.get('clip_len', 0) or 0) == 1 and smp.get('num_clips') and model_accepts(arch, 'num_segments'):
         kw['num_segments'] = int(smp['num_clips'])
@@ -110,23 +111,23 @@ def _normalizers(dls) -> list:
         out += [t for t in fs if isinstance(t, Normalize)]
     return out
 
-def _clip_shape(cfg:dict) -> tuple:
-    s = cfg.get('sampler') or {}
+def _clip_shape(cfg:ClipRecipe) -> tuple:
+    s = cfg.sampler
     return (int(s.get('clip_len', 1)), int(s.get('num_clips', 1)) if int(s.get('clip_len', 1)) == 1 else 1,
-            int(s.get('frame_interval', 1)), int(cfg.get('size') or 0))
+            int(s.get('frame_interval', 1)), cfg.size)
 
 def follow_pretrained_recipe(dls, weights) -> list[str]:
     "Give `dls` the normalisation of zoo `weights`; return (and warn) what differs from the weights' recipe."
-    said, want, cfg = [], weights.recipe, _data_cfg(dls) or {}
-    mean, std = tuple(want['mean']), tuple(want['std'])
+    said, want, cfg = [], weights.recipe, _data_cfg(dls)
+    mean, std = want.mean, want.std
     norms = _normalizers(dls)
     if any((tuple(t.mean), tuple(t.std)) != (mean, std) for t in norms):
         old = norms[0]
         said.append(f"normalising with {weights.name}'s mean {list(mean)} and std {list(std)} instead of the data's "
                     f"{list(old.mean)} and {list(old.std)}")
         for t in norms: t.mean, t.std, t._stats = mean, std, {}
-        if cfg: dls.data_cfg = {**cfg, 'mean': list(mean), 'std': list(std)}
-    if cfg and not weights.backbone_only:
+        if cfg is not None: dls.data_cfg = cfg.replace(mean=mean, std=std)
+    if cfg is not None and not weights.backbone_only:
         (l0, n0, i0, s0), (l1, n1, i1, s1) = _clip_shape(want), _clip_shape(cfg)
         if (l0, n0, i0, s0) != (l1, n1, i1, s1):
             clip = lambda l, n, i, s: (f"{n} segments of 1 frame" if l == 1 else f"clips of {l} frames every {i}") + f" at {s} px"

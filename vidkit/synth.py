@@ -13,8 +13,8 @@ from types import SimpleNamespace
 from typing import NamedTuple, Sequence
 import numpy as np
 from PIL import Image
-from .core import atomic_write
-from .io import video_encoder, write_video
+from .core import atomic_write, atomic_dir
+from .encode import video_encoder, write_video
 
 # %% auto #0
 __all__ = ['TEMPORAL_PAIRS', 'TEMPORAL_CLASSES', 'APPEARANCE_CLASSES', 'SYNTH_CLASSES', 'TRANSFER_PAIRS', 'TRANSFER_CLASSES',
@@ -77,6 +77,7 @@ def _colour(rng, base):
         if np.linalg.norm(c - base) > 150 and abs((c - base) @ _LUMA) > 60: return c
     return np.where(base @ _LUMA > 127, 0., 255.) * np.ones(3)
 
+# %% ../nbs/02_synth.ipynb #c010a
 def _clip_spec(cls:str, T:int, H:int, W:int, rng:np.random.Generator) -> SimpleNamespace:
     "Draw everything random about one clip of `cls`: background, colour, size, per-frame trajectory and noise."
     if cls not in _ALL_CLASSES: raise ValueError(f"unknown synthetic class {cls!r}; choose from {list(_ALL_CLASSES)}")
@@ -117,6 +118,7 @@ def _clip_spec(cls:str, T:int, H:int, W:int, rng:np.random.Generator) -> SimpleN
     return SimpleNamespace(cls=cls, shape=cls, T=T, H=H, W=W, bg=bg, colour=col, r=r, ext=ext, cx=cx, cy=cy, th=th,
                            phi=phi, noise_bank=noise_bank, noise_offsets=noise_offsets)
 
+# %% ../nbs/02_synth.ipynb #c010b
 def _transfer_spec(cls, T, H, W, rng):
     "Like `_clip_spec` for `TRANSFER_CLASSES`: a diamond or a star, diagonal motion or an orbit, other sizes and speeds."
     bg, base = _background(rng, H, W)
@@ -174,6 +176,7 @@ def _shape_sdf(cls, qx, qy, r, phi):
         return np.maximum(np.maximum(np.abs(qx), np.abs(qy)) - 0.9 * r, np.abs(u - np.round(u)) * lam - lam / 4)
     raise ValueError(f"unknown synthetic class {cls!r}")
 
+# %% ../nbs/02_synth.ipynb #c012a
 def _draw(spec, start:int=0, stop:int|None=None) -> np.ndarray:
     "Frames `start:stop` of the clip `spec` as uint8 (T,H,W,3) RGB."
     s = slice(start, spec.T if stop is None else stop)
@@ -220,20 +223,6 @@ def render_synth_clip(cls:str, num_frames:int=32, size=(128, 160), seed:int|np.r
     rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
     return _draw(_clip_spec(cls, int(num_frames), H, W, rng))
 
-# %% ../nbs/02_synth.ipynb #c024
-@contextmanager
-def _new_folder(path:Path):
-    "Yield an empty temporary folder next to `path`; when the block succeeds it replaces `path`, on an error it is removed."
-    tmp = path.with_name(f'.{path.name}.tmp{os.getpid()}')
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        yield tmp
-        if path.is_dir() and not path.is_symlink(): shutil.rmtree(path)
-        elif path.exists(): path.unlink()
-        os.replace(tmp, path)
-    finally: shutil.rmtree(tmp, ignore_errors=True)
-
 # %% ../nbs/02_synth.ipynb #c026
 def _video_rng(seed, cls, i): return np.random.default_rng([int(seed), _ALL_CLASSES.index(cls), int(i)])
 
@@ -257,7 +246,7 @@ def _make_one(job) -> int:
                     Image.fromarray(f).save(tdir / f'img_{j:05d}.jpg', format='JPEG', quality=job['jpeg_quality'])
             yield clip
     if job['frames'] is None: return _write(job, Path(job['video']), clips())
-    with _new_folder(Path(job['frames'])) as tdir: return _write(job, Path(job['video']), clips(tdir))
+    with atomic_dir(Path(job['frames'])) as tdir: return _write(job, Path(job['video']), clips(tdir))
 
 def _init_worker():
     try:
@@ -320,6 +309,7 @@ def _check_classes(classes) -> list:
     if len(set(classes)) != len(classes) or not classes: raise ValueError(f"classes must be distinct and non-empty, got {classes}")
     return classes
 
+# %% ../nbs/02_synth.ipynb #c029a
 def make_synthetic_dataset(root, n_per_class:int=20, size=(128, 160), num_frames=(24, 48), seed:int=0,
                            classes:Sequence[str]|None=None, valid_pct:float=0.25, rawframes:bool=True,
                            fps:int=25, gop_size:int=12, codec:str='libx264', crf:int=20, jpeg_quality:int=90,

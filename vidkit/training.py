@@ -146,10 +146,8 @@ def fit_recipe(learn, r:Recipe, lr:float|None=None, cbs=None):
 
 # %% ../nbs/16a_training.ipynb #cf046
 def attach_recipe(dls, r:Recipe):
-    "Store `r` in `dls.data_cfg['recipe']`, which every vidkit checkpoint keeps."
-    cfg = dict(getattr(dls, 'data_cfg', None) or {})
-    cfg['recipe'] = r.to_dict()
-    dls.data_cfg = cfg
+    "Keep `r` with `dls` (`dls.run_recipe`), so that every checkpoint of a learner on them stores it as its `recipe`."
+    dls.run_recipe = r.to_dict()
     return dls
 
 def save_recipe(r:Recipe, path) -> Path:
@@ -157,9 +155,10 @@ def save_recipe(r:Recipe, path) -> Path:
     return atomic_write(path, r.to_yaml())
 
 def recipe_of(src) -> dict|None:
-    "The recipe dict saved in a vidkit checkpoint (path or loaded dict), a `Recognizer` or DataLoaders; None if there is none."
+    "The recipe dict saved in a vidkit checkpoint (path or loaded dict) or kept by DataLoaders; None if there is none."
     if isinstance(src, (str, Path)):
         if not str(src).endswith('.pth') or not Path(src).is_file(): return None
         src = load_checkpoint(src)
-    cfg = src.get('data_cfg') if isinstance(src, dict) else getattr(src, 'data_cfg', None)
-    return (cfg or {}).get('recipe') if isinstance(cfg, dict) else None
+    if not isinstance(src, dict): return getattr(src, 'run_recipe', None)
+    legacy = src.get('data_cfg') if isinstance(src.get('data_cfg'), dict) else {}
+    return src.get('recipe') or legacy.get('recipe')          # older checkpoints kept it inside data_cfg

@@ -408,6 +408,7 @@ class _BatchRand(RandTransform):
 
 def _per_sample(mask:Tensor, like:Tensor) -> Tensor: return mask.view(-1, *[1] * (like.ndim - 1))
 
+# %% ../nbs/05_transforms.ipynb #c050a
 class BatchFlip(_BatchRand):
     "Flip each sample of a batch horizontally with probability `p`, on the batch's device; maps labels with `flip_label_map`."
     order = 30
@@ -429,6 +430,7 @@ class BatchFlip(_BatchRand):
         yt = _t(y)
         return retain_type(torch.where(_per_sample(self.mask, yt), _map_labels(yt, self.flip_label_map), yt), y)
 
+# %% ../nbs/05_transforms.ipynb #c050b
 class BatchColorJitter(_BatchRand):
     "`ColorJitter` with its own factors and op order for each sample of a batch (probability `p` each), on the batch's device."
     order = 40

@@ -9,11 +9,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 import numpy as np
 import torch
+import torch.distributed as dist
 from fastai.data.load import DataLoader
 from .core import TensorClip, atomic_write, flat_vocab
 from .transforms import Resize, CenterCrop, ThreeCrop, TenCrop, Normalize
 from .datasets import VideoRecord, VideoDataset
-from .data import sampler_from_cfg
+from .data import ClipRecipe
 from .metrics import view_metrics
 from .learner import is_multi_label
 
@@ -40,16 +41,14 @@ class TestPipeline:
         crops = next((c for c in (10, 3) if isinstance(self.tfms[-1], _CROPS[c])), 1) if self.tfms else 1
         return max(getattr(self.sampler, 'views', 1), 1) * self.n * crops
 
-_RECIPE_KEYS = ('sampler', 'short_side', 'size', 'mean', 'std')
-
-def build_test_pipeline(data_cfg:dict, num_clips:int|None=None, num_crops:int=1, twice_sample:bool=False) -> TestPipeline:
-    "The `TestPipeline` of recipe `data_cfg` with `num_clips` clips (None: the recipe's) x `num_crops` crops (1, 3 or 10) per video."
-    missing = [k for k in _RECIPE_KEYS if not data_cfg or data_cfg.get(k) is None]
-    if missing: raise ValueError(f"the recipe (data_cfg) has no {', '.join(map(repr, missing))}; build the DataLoaders with "
-                                 "vidkit.data.VideoDataLoaders, or pass a DataLoader of test views")
+def build_test_pipeline(recipe:ClipRecipe, num_clips:int|None=None, num_crops:int=1, twice_sample:bool=False) -> TestPipeline:
+    "The `TestPipeline` of `recipe` (a `ClipRecipe` or its dict form) with `num_clips` clips (None: the recipe's) x `num_crops` crops (1, 3 or 10)."
+    if recipe is None: raise ValueError("there is no clip recipe (data_cfg); build the DataLoaders with vidkit.data.VideoDataLoaders, "
+                                        "or pass a DataLoader of test views")
+    r = ClipRecipe.from_dict(recipe)
     if num_crops not in _CROPS: raise ValueError(f"num_crops should be 1, 3 or 10, got {num_crops}")
     if num_clips is not None and int(num_clips) < 1: raise ValueError(f"num_clips should be >= 1, got {num_clips}")
-    sampler = sampler_from_cfg(data_cfg['sampler']).with_test_mode(True)
+    sampler = r.build_sampler()
     n = 1
     if getattr(sampler, 'clip_len', None) == 1 and hasattr(sampler, 'twice_sample'):      # segment sampling: T segments
         if twice_sample: sampler = dataclasses.replace(sampler, twice_sample=True)
@@ -59,10 +58,9 @@ def build_test_pipeline(data_cfg:dict, num_clips:int|None=None, num_crops:int=1,
         if 'num_clips' in {f.name for f in dataclasses.fields(sampler)}: sampler = dataclasses.replace(sampler, num_clips=int(num_clips))
         elif num_clips != 1:
             raise ValueError(f"{type(sampler).__name__} takes as many clips as the video holds; ask for 1 clip (num_clips=1)")
-    crop = ThreeCrop(data_cfg['short_side']) if num_crops == 3 else _CROPS[num_crops](data_cfg['size'])
-    reader_kw = {'short_side': int(data_cfg['short_side'])} if data_cfg.get('decode_resize') else {}
-    return TestPipeline(sampler, [Resize(data_cfg['short_side']), crop], Normalize(data_cfg['mean'], data_cfg['std']),
-                        data_cfg.get('backend') or 'auto', reader_kw, n)
+    crop = ThreeCrop(r.short_side) if num_crops == 3 else _CROPS[num_crops](r.size)
+    reader_kw = {'short_side': r.short_side} if r.decode_resize else {}
+    return TestPipeline(sampler, [Resize(r.short_side), crop], Normalize(r.mean, r.std), r.backend, reader_kw, n)
 
 # %% ../nbs/08b_views.ipynb #c079
 @dataclass
@@ -135,6 +133,21 @@ def deinterleave_views(x, n:int):
     return x.reshape(b, v, nt // n, n, *chw).transpose(2, 3).reshape(b, v * n, nt // n, *chw)
 
 # %% ../nbs/08b_views.ipynb #c082
+def _ranks() -> tuple[int, int]:
+    "`(rank, world_size)` of the process group this process is in; `(0, 1)` without one."
+    if dist.is_available() and dist.is_initialized(): return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+def _gather_shards(idx:list, scores:torch.Tensor, targets:torch.Tensor, n:int, world:int):
+    "Every rank's `(video indices, scores, targets)` put back in video order: the whole set's scores and targets."
+    parts = [None] * world
+    dist.all_gather_object(parts, (idx, scores, targets))
+    order = torch.tensor([i for p in parts for i in p[0]])
+    s, t = torch.cat([p[1] for p in parts]), torch.cat([p[2] for p in parts])
+    if sorted(order.tolist()) != list(range(n)): raise RuntimeError(f"evaluate_views: the ranks scored {len(order)} videos, expected each of {n} once")
+    inv = torch.empty_like(order); inv[order] = torch.arange(len(order))
+    return s[inv], t[inv]
+
 def _as_records(data):
     if isinstance(data, VideoDataset): return list(data.records), dict(backend=data.backend, **data.reader_kw)
     recs = [r if isinstance(r, VideoRecord) else VideoRecord(*r) if isinstance(r, (tuple, list)) else VideoRecord(r) for r in data]
@@ -145,23 +158,25 @@ def evaluate_views(learn, data, num_clips:int=10, num_crops:int=3, average:str='
                    on_error:str='raise') -> ViewResults:
     "Multi-view test of `learn.model` on `data` (records, a `VideoDataset` or a DataLoader): `num_clips` x `num_crops` views per video, averaged."
     if average not in ('prob', 'score'): raise ValueError(f"average must be 'prob' or 'score', got {average!r}")
-    cfg = getattr(learn.dls, 'data_cfg', None) or {}
+    cfg = getattr(learn.dls, 'data_cfg', None)
     multi_label = is_multi_label(learn.dls)
-    norm = Normalize(cfg['mean'], cfg['std']) if cfg.get('mean') is not None and cfg.get('std') is not None else None
+    norm = Normalize(cfg.mean, cfg.std) if cfg is not None else None
     vocab = flat_vocab(getattr(learn.dls, 'vocab', None))
-    n, paths = 1, None
+    n, paths, world = 1, None, 1
     if hasattr(data, '__iter__') and hasattr(data, '__len__') and not isinstance(data, (list, tuple, VideoDataset)):
         dl = data                                                            # a DataLoader: used as is
         recs = getattr(getattr(dl, 'dataset', None), 'records', None)
         paths = [str(r.path) for r in recs] if recs is not None else None
     else:
         recs, reader_kw = _as_records(data)
+        paths = [str(r.path) for r in recs]
+        rank, world = _ranks()
+        shard = list(range(rank, len(recs), world))          # under torchrun/Slurm each rank scores every world-th video
         p = build_test_pipeline(cfg, num_clips, num_crops, twice_sample)
         norm, n = p.normalize, p.n
         reader_kw = {'backend': p.backend, **p.reader_kw, **reader_kw}
-        ds = VideoDataset(recs, p.sampler, tfms=p.tfms, vocab=vocab, on_error=on_error, split_idx=1, **reader_kw)
+        ds = VideoDataset([recs[i] for i in shard], p.sampler, tfms=p.tfms, vocab=vocab, on_error=on_error, split_idx=1, **reader_kw)
         dl = DataLoader(ds, bs=bs or max(1, max_views_per_batch // p.num_views), shuffle=False, num_workers=num_workers)
-        paths = [str(r.path) for r in recs]
     model = learn.model
     was_training = model.training
     model.eval()
@@ -176,6 +191,13 @@ def evaluate_views(learn, data, num_clips:int=10, num_crops:int=3, average:str='
             scores.append(average_views(score_views(model, x, max_views_per_batch, norm), average, multi_label))
             targets.append(torch.as_tensor(yb).cpu())
     finally: model.train(was_training)
-    res = ViewResults(torch.cat(scores), torch.cat(targets), vocab, paths, average, nv, multi_label)
-    if out is not None: res.save(out)
+    if not scores:                                     # a rank with no video (more processes than videos)
+        c = getattr(learn, 'num_classes', None) or len(vocab or [])
+        scores, targets = [torch.zeros(0, c)], [torch.zeros((0, c) if multi_label else (0,), dtype=torch.float if multi_label else torch.long)]
+    scores, targets = torch.cat(scores), torch.cat(targets)
+    if world > 1:
+        scores, targets = _gather_shards(shard, scores, targets, len(recs), world)
+        nv = p.num_views
+    res = ViewResults(scores, targets, vocab, paths, average, nv, multi_label)
+    if out is not None and _ranks()[0] == 0: res.save(out)
     return res

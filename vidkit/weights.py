@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 import torch
 from torch import nn
-from .io import download_file, DownloadError
+from .download import download_file, DownloadError
 from .zoo import resolve_pretrained, download_weights
 
 # %% auto #0
@@ -50,7 +50,7 @@ class LoadReport:
 
 # %% ../nbs/06c_weights.ipynb #c050
 def _fetch(src:str, cache_dir=None, check_hash:bool=False) -> Path:
-    "Download `src` (http/https) into `cache_dir` once (`vidkit.io.download_file`); return the local path."
+    "Download `src` (http/https) into `cache_dir` once (`vidkit.download.download_file`); return the local path."
     fname = os.path.basename(urllib.parse.urlparse(src).path) or 'checkpoint.pth'
     d = Path(cache_dir) if cache_dir is not None else Path(torch.hub.get_dir()) / 'checkpoints'
     h = None

@@ -11,8 +11,8 @@ from torchvision.models import resnet as _tv_resnet
 from torchvision.models import video as _tv_video
 from .sampling import SampleFrames
 from .transforms import IMAGENET_MEAN, IMAGENET_STD
-from .data import sampler_to_cfg
-from .io import download_file, DownloadError
+from .data import sampler_to_cfg, ClipRecipe
+from .download import download_file, DownloadError
 from .synth import SYNTH_CLASSES
 
 # %% auto #0
@@ -30,7 +30,7 @@ class PretrainedWeights:
     url: str|None                  # where the file comes from; None: built locally by `builder`
     dataset: str                   # what it was trained on
     classes: tuple|None            # class names of its head, in order
-    recipe: dict                   # test recipe (`data_cfg` form)
+    recipe: ClipRecipe             # how the weights see a video (sampler, resize, crop, mean, std)
     metrics: dict = dataclasses.field(default_factory=dict)   # published accuracy, e.g. {'top1': 72.83, 'top5': 90.65}
     views: str = ''                # the test protocol behind `metrics`, e.g. '25 clips x 10 crops'
     source: str = ''               # who published it (and the config it comes from)
@@ -55,17 +55,14 @@ class PretrainedWeights:
         if self.sha256: return self.sha256.lower()
         m = torch.hub.HASH_REGEX.search(self.file_name) if self.url else None
         return m.group(1) if m else None
-    @property
-    def data_cfg(self) -> dict: return {**self.recipe, 'multi_label': False}
 
 # %% ../nbs/06a_zoo.ipynb #c008
 def clip_recipe(size:int, short_side:int, mean=IMAGENET_MEAN, std=IMAGENET_STD, segments:int|None=None,
-                clip_len:int=1, frame_interval:int=1) -> dict:
-    "The test recipe (`data_cfg` form) of weights fed `segments` single frames, or one clip of `clip_len` frames every `frame_interval`."
+                clip_len:int=1, frame_interval:int=1) -> ClipRecipe:
+    "The `ClipRecipe` of weights fed `segments` single frames, or one clip of `clip_len` frames every `frame_interval`."
     sampler = (SampleFrames(1, num_clips=int(segments), test_mode=True) if segments else
                SampleFrames(int(clip_len), int(frame_interval), num_clips=1, test_mode=True))
-    return dict(sampler=sampler_to_cfg(sampler), short_side=int(short_side), size=int(size),
-                mean=[float(m) for m in mean], std=[float(s) for s in std], backend='auto')
+    return ClipRecipe(sampler_to_cfg(sampler), size, short_side, mean, std)
 
 # %% ../nbs/06a_zoo.ipynb #c011
 _ZOO: dict[str, PretrainedWeights] = {}

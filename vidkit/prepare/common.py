@@ -11,12 +11,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 import torch
 from fastprogress.fastprogress import progress_bar
-from ..core import atomic_path, atomic_write
-from ..io import DownloadError, download_file, make_test_video
+from ..core import atomic_path, atomic_write, atomic_dir
+from ..download import DownloadError, download_file
+from ..encode import make_test_video
 
 # %% auto #0
-__all__ = ['PrepareError', 'MissingToolError', 'MissingArchivesError', 'JobReport', 'copy_file', 'move_into', 'new_folder',
-           'fetch_archives', 'archive_format', 'extract_archive', 'run_jobs', 'zip_bytes', 'video_bytes']
+__all__ = ['PrepareError', 'MissingToolError', 'MissingArchivesError', 'JobReport', 'copy_file', 'move_into', 'fetch_archives',
+           'archive_format', 'extract_archive', 'run_jobs', 'zip_bytes', 'video_bytes']
 
 # %% ../../nbs/10_prepare.ipynb #c007
 class PrepareError(RuntimeError):
@@ -110,20 +111,8 @@ def move_into(src, dst):
             if t.is_dir() and not t.is_symlink(): shutil.rmtree(t)
             os.replace(e.path, t)
 
-@contextmanager
-def new_folder(path):
-    "Yield an empty temporary folder next to `path`; when the block succeeds it replaces `path`, on an error it is removed."
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    _remove(tmp); tmp.mkdir(parents=True)
-    try:
-        yield tmp
-        _remove(path)
-        os.replace(tmp, path)
-    finally: _remove(tmp)
-
-# what killed runs leave: `new_folder`'s `.name.tmp<pid>` and `atomic_path`'s `.name.<pid>-<n>.tmp<suffix>`
-_TMP_RX = re.compile(r'^\..+\.(tmp\d+|\d+-\d+\.tmp)')
+# what killed runs leave: `atomic_dir`'s `.name.<pid>-<n>.tmp` and `atomic_path`'s `.name.<pid>-<n>.tmp<suffix>`
+_TMP_RX = re.compile(r'^\..+\.\d+-\d+\.tmp')
 
 def _clear_stale(folders):
     "Remove the temporary leftovers of killed runs in `folders`."
@@ -200,6 +189,7 @@ def _extract_with_tools(archive, dst, fmt):
     if errors: raise PrepareError(f"{archive}: cannot extract this {fmt.upper()} archive: " + '; '.join(errors))
     raise MissingToolError(f"{archive} is a {fmt.upper()} archive and nothing here can extract it: {_RAR_INSTALL}")
 
+# %% ../../nbs/10_prepare.ipynb #c023a
 def extract_archive(archive, dst, force:bool=False, report:JobReport|None=None) -> Path:
     "Extract `archive` (zip, tar[.gz|.bz2|.xz], rar, 7z) into `dst`, atomically per archive; skipped when already done."
     archive, dst = Path(archive), Path(dst)
@@ -259,6 +249,7 @@ def _progress(it, total, show:bool, comment:str=''):
     pb.comment = comment
     return pb
 
+# %% ../../nbs/10_prepare.ipynb #c029a
 def run_jobs(fn, jobs, report:JobReport, workers:int|None=1, progress:bool=True, threads:bool=False,
              limit:int|None=None, clean:bool=False) -> JobReport:
     "Run `fn(*args)` for each `(item, output, args)` of `jobs` in `workers` processes (threads; None: all cores); record outputs and failures."
@@ -299,6 +290,6 @@ def zip_bytes(files:dict) -> bytes:
     return buf.getvalue()
 
 def video_bytes(name:str, num_frames:int, size, fps:float=25, codec:str|None=None) -> bytes:
-    "The bytes of a `vidkit.io.make_test_video` file called `name` (its suffix picks the container)."
+    "The bytes of a `vidkit.encode.make_test_video` file called `name` (its suffix picks the container)."
     with tempfile.TemporaryDirectory() as d:
         return make_test_video(Path(d)/name, num_frames=num_frames, size=size, fps=fps, codec=codec).read_bytes()

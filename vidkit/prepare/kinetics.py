@@ -7,7 +7,7 @@ from __future__ import annotations
 import io, os, tarfile, warnings
 from pathlib import Path
 import numpy as np
-from ..io import make_test_video
+from ..encode import make_test_video
 from ..datasets import read_kinetics_csv
 from .common import PrepareError, JobReport, fetch_archives, extract_archive, run_jobs, copy_file
 from .videos import trim_video
@@ -68,6 +68,7 @@ def _trim_or_copy(src, out, start, end, short_side, link):
     else: trim_video(src, out, start, end, short_side)
     return str(out)
 
+# %% ../../nbs/10e_prepare_kinetics.ipynb #k008a
 def _annotations(root:Path, version:int, csvs, subsets, archives, download, base_url, urls, timeout, progress):
     "Copy the given CSVs, or those of the official annotation archive, to `root/annotations/kinetics_<subset>.csv`."
     ann = root/'annotations'
@@ -93,6 +94,7 @@ def _annotations(root:Path, version:int, csvs, subsets, archives, download, base
     if still: raise PrepareError(f"{arch}: no CSV for {', '.join(still)} inside")
     return ann
 
+# %% ../../nbs/10e_prepare_kinetics.ipynb #k008b
 def prepare_kinetics(root, src=None, version:int=400, csvs=None, subsets=('train', 'val'), download:bool=True,
                      base_url:str|None=None, urls:dict|None=None, archives=None, short_side:int|None=None, link:bool=True,
                      workers:int|None=None, limit:int|None=None, timeout:float=30., lists:bool=True, progress:bool=True,

@@ -98,10 +98,12 @@ def _groups(ds, root, split, subsets, video_dir, ann_dir):
             miss = [(r.path, 'video not found') for r in recs if not os.path.isfile(r.path)]
             yield f"{ds}_{'val' if sub == 'validation' else sub}_list", ok, vocab, vroot, miss
 
+# %% ../../nbs/10b_prepare_lists.ipynb #l012a
 def _label_str(label):
     if label is None: return ''
     return ' ' + (' '.join(map(str, label)) if isinstance(label, (list, tuple)) else str(label))
 
+# %% ../../nbs/10b_prepare_lists.ipynb #l012b
 def build_file_list(dataset:str, root, out_dir=None, split=None, format:str='videos', subsets=None, frames_dir=None,
                     video_dir=None, ann_dir=None, filename_tmpl:str='img_{:05}.jpg', shuffle:bool=False, seed:int=0,
                     workers:int|None=None, progress:bool=False, verbose:bool=True, into:JobReport|None=None) -> JobReport:

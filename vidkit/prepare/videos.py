@@ -9,9 +9,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 from ..core import VideoDecodeError
-from ..io import open_video, probe, write_video
+from ..io import open_video, probe
+from ..encode import write_video
 from ..datasets import VIDEO_EXTENSIONS, VideoRecord
-from .common import JobReport, run_jobs, new_folder
+from ..core import atomic_dir
+from .common import JobReport, run_jobs
 
 # %% auto #0
 __all__ = ['FRAMES_MARKER', 'trim_video', 'resize_videos', 'extract_frames', 'count_frames']
@@ -94,7 +96,7 @@ def _frames_done(folder, params:dict|None=None) -> int|None:
 def _extract_one(src, out, params:dict, backend='auto') -> int:
     "Decode `src` and write its frames as JPEGs into the folder `out` (atomically); returns the frame count."
     tmpl, first = params['filename_tmpl'], params['start_index']
-    with new_folder(out) as tmp, open_video(src, backend, short_side=params['short_side']) as r:
+    with atomic_dir(out) as tmp, open_video(src, backend, short_side=params['short_side']) as r:
         n = r.num_frames
         chunk = max(8, min(512, int(128e6 // (r.height * r.width * 3))))
         for a in range(0, n, chunk):
