@@ -70,6 +70,8 @@ SIX = ['moving_left', 'moving_up', 'rotating_cw', 'growing', 'circle', 'triangle
 @pytest.fixture(scope='module')
 def finetuned(tmp_path_factory):
     from vidkit.synth import make_synthetic_dataset
+    from vidkit.zoo import download_weights
+    download_weights('tsm_r18.synth', progress=False)   # built once on a fresh machine (minutes), then cached: not inside `run`'s timeout
     root = tmp_path_factory.mktemp('ft') / 'data'
     make_synthetic_dataset(root, n_per_class=12, size=(64, 80), seed=0, classes=SIX)
     work = root.parent / 'work'

@@ -275,15 +275,17 @@ def test_killed_script_resumes(tmp_path):
     "SIGKILL a real extract_frames.py run once its first folder is complete; the re-run keeps that one and does the rest."
     import signal, time
     src, dst = tmp_path/'v', tmp_path/'f'
+    # finished folders only: a folder still being written (`.v0.<pid>-<n>.tmp`, renamed when complete) holds its marker too
+    done_folders = lambda: sorted(m.parent for m in dst.glob(f'*/{FRAMES_MARKER}') if not m.parent.name.startswith('.'))
     for k in range(8): make_test_video(src/f'v{k}.mp4', num_frames=120, size=(96, 128))
     p = subprocess.Popen([sys.executable, REPO/'data_scripts'/'extract_frames.py', src, dst, '--workers', '1', '--no-progress'],
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, 'PYTHONWARNINGS': 'ignore'})
     try:
         deadline = time.time() + 90
-        while not list(dst.glob(f'*/{FRAMES_MARKER}')) and p.poll() is None and time.time() < deadline: time.sleep(0.01)
+        while not done_folders() and p.poll() is None and time.time() < deadline: time.sleep(0.01)
         p.send_signal(signal.SIGKILL)
     finally: p.wait(30)
-    complete = sorted(m.parent for m in dst.glob(f'*/{FRAMES_MARKER}'))
+    complete = done_folders()
     assert 1 <= len(complete) < 8
     stamps = mtimes(m/FRAMES_MARKER for m in complete)
     code, out, err = run('extract-frames', src, dst, '--workers', 2, '--no-progress')
