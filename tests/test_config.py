@@ -150,6 +150,7 @@ class FirstFrames(SampleFrames):
     def _sample(self, total_frames, rng): return np.minimum(np.arange(self.num_clips), total_frames - 1).astype(np.int64)
 '''
 
+@pytest.mark.slow
 def test_import_of_user_code_trains_tests_and_predicts(synth, tmp_path):
     (tmp_path / 'my_vk_ext.py').write_text(EXT)
     work = tmp_path / 'w'

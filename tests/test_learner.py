@@ -98,6 +98,7 @@ def all_runs(synth, tmp_path_factory):
 def runs(request, all_runs): return all_runs[request.param]
 
 
+@pytest.mark.slow
 def test_kill_and_resume_gives_identical_weights(runs):
     tmp = runs['tmp']
     assert runs['killed_epoch'] == 1                            # last.pth was written after epoch 0 (1 completed)

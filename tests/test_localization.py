@@ -353,6 +353,7 @@ def test_cli_features_and_localize(untrimmed, tmp_path, capsys):
 
 
 # ---------------------------------------------------------------- the tutorial: BMN beats sliding windows
+@pytest.mark.slow
 def test_tutorial_bmn_beats_sliding_windows(tmp_path):
     "The lesson with its defaults: BMN's AUC beats the sliding-window baseline's by at least 8 points (measured: 18.0, 22.4, 24.0 for seeds 0, 1, 2)."
     from vidkit.batch import run_notebook
