@@ -55,6 +55,9 @@ def test_test_and_predict(synth, trained, tmp_path):
     assert r.returncode == 0, r.stderr
     m = json.loads(r.stdout.strip().splitlines()[0])
     assert 0 <= m['top1_acc'] <= 1 and 'mean_class_accuracy' in m and (tmp_path / 'res.npz').exists()
+    from vidkit.views import ViewResults
+    saved = ViewResults.load(tmp_path / 'res.npz')                       # the file holds what was printed, 2 clips x 3 crops
+    assert saved.num_views == 6 and all(abs(saved.metrics[k] - v) < 1e-6 for k, v in m.items())
     video = next((synth / 'videos').rglob('*.mp4'))
     r = run('predict', ckpt, video, '--topk', 3, '--json')
     assert r.returncode == 0, r.stderr

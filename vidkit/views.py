@@ -34,12 +34,12 @@ class TestPipeline:
     backend: str = 'auto'
     reader_kw: dict = field(default_factory=dict)
     n: int = 1                 # > 1: `n` sets of segments sampled together, dealt out as `n` views
+    crops: int = 1             # crops per clip (1, 3 or 10)
 
     @property
     def num_views(self) -> int:
         "Views per video: the sampler's clips (or `n` dealt-out sets) times the crops."
-        crops = next((c for c in (10, 3) if isinstance(self.tfms[-1], _CROPS[c])), 1) if self.tfms else 1
-        return max(getattr(self.sampler, 'views', 1), 1) * self.n * crops
+        return max(getattr(self.sampler, 'views', 1), 1) * self.n * self.crops
 
 def build_test_pipeline(recipe:ClipRecipe, num_clips:int|None=None, num_crops:int=1, twice_sample:bool=False) -> TestPipeline:
     "The `TestPipeline` of `recipe` (a `ClipRecipe` or its dict form) with `num_clips` clips (None: the recipe's) x `num_crops` crops (1, 3 or 10)."
@@ -60,7 +60,7 @@ def build_test_pipeline(recipe:ClipRecipe, num_clips:int|None=None, num_crops:in
             raise ValueError(f"{type(sampler).__name__} takes as many clips as the video holds; ask for 1 clip (num_clips=1)")
     crop = ThreeCrop(r.short_side) if num_crops == 3 else _CROPS[num_crops](r.size)
     reader_kw = {'short_side': r.short_side} if r.decode_resize else {}
-    return TestPipeline(sampler, [Resize(r.short_side), crop], Normalize(r.mean, r.std), r.backend, reader_kw, n)
+    return TestPipeline(sampler, [Resize(r.short_side), crop], Normalize(r.mean, r.std), r.backend, reader_kw, n, num_crops)
 
 # %% ../nbs/08b_views.ipynb #c079
 @dataclass
