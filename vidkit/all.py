@@ -37,6 +37,7 @@ from .widgets import *
 from .explorer import *
 from .localization import *
 from .config import *
+from .config_check import *
 from .training import *
 
 # %% ../nbs/99_all.ipynb #c004

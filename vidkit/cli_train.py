@@ -77,6 +77,7 @@ def _data_args(p, train:bool=True):
     g.add_argument('--no-flip', dest='flip', action='store_false', default=None, help='no random horizontal flips (data.flip: false)')
     g.add_argument('--seed', type=int, default=None, help='random seed (default 0)')
 
+# %% ../nbs/13a_cli_train.ipynb #c780ea
 def _flags(args) -> dict:
     "`{recipe key: (value, '--flag')}` of the flags given on the command line."
     out = {}
@@ -88,7 +89,7 @@ def _flags(args) -> dict:
 
 def recipe_from_args(args, base=None, command:str='train', check:bool=True, base_where:str|None=None):
     "The `Recipe` of a command line: `--config` (else `base`, called `base_where` in errors), then the flags, then `--set`, then `--import`."
-    from vidkit.config import resolve_recipe
+    from vidkit.config_check import resolve_recipe
     src = getattr(args, 'config', None) or base
     r = resolve_recipe(src, _flags(args), getattr(args, 'set', None), where=base_where, check=check,
                        imports=getattr(args, 'imports', None) or (), command=command)
@@ -259,7 +260,7 @@ def _predict_args(p):
 
 def _load_recognizer(ckpt, imports):
     "`load_recognizer` after `--import`; an unknown registered name says which modules the checkpoint was trained with."
-    from vidkit.config import import_modules
+    from vidkit.config_check import import_modules
     from vidkit.training import recipe_of
     from vidkit.inference import load_recognizer
     import_modules(imports, key='--import')

@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 import torch.distributed as dist
 from fastcore.basics import patch
+from fastcore.meta import delegates
 from fastai.torch_core import rank_distrib, num_distrib, find_bs, defaults
 from fastai.learner import Learner, Metric, AvgMetric
 from fastai.callback.progress import ProgressCallback
@@ -52,7 +53,9 @@ class DistInfo:
     def distributed(self) -> bool: return self.world_size > 1
     @property
     def is_main(self) -> bool: return self.rank == 0
-    def as_dict(self) -> dict: return asdict(self)
+    def as_dict(self) -> dict:
+        "The fields as a plain dict."
+        return asdict(self)
 
 # %% ../nbs/15a_distributed.ipynb #c006b
 def _int_env(*names, default=None, env=None):
@@ -265,6 +268,7 @@ def _seed_everything(seed:int):
     random.seed(seed); np.random.seed(seed % 2**32); torch.manual_seed(seed)
 
 # %% ../nbs/15a_distributed.ipynb #c027
+@delegates()
 class VideoDistributedTrainer(DistributedTrainer):
     "fastai's `DistributedTrainer` that follows the device (gloo/CPU, NCCL/GPU), gathers metrics without padding, writes on rank 0 only."
     def __init__(self, sync_bn:bool|None=None, cpu:bool|None=None, rank_seeds:bool=True, **kwargs):
@@ -354,15 +358,16 @@ def _restore(self:VideoDistributedTrainer):
 
 # %% ../nbs/15a_distributed.ipynb #c028
 @patch
+@delegates(VideoDistributedTrainer)
 @contextmanager
-def distrib_ctx_auto(self:Learner, sync_bn:bool|None=None, cpu:bool|None=None, rank_seeds:bool=True, **accelerator_kwargs):
+def distrib_ctx_auto(self:Learner, sync_bn:bool|None=None, cpu:bool|None=None, rank_seeds:bool=True, **kwargs):
     "Train in data-parallel mode across the launched processes (NCCL on GPUs, gloo on the CPU); a no-op in a single process."
     info = setup_distributed(cpu)
     if not info.distributed:
         yield self
         return
     trainer = VideoDistributedTrainer(sync_bn, cpu=info.backend is not None and 'nccl' not in info.backend,
-                                      rank_seeds=rank_seeds, **accelerator_kwargs)
+                                      rank_seeds=rank_seeds, **kwargs)
     self.add_cb(trainer)
     no_progress = info.rank != 0 and hasattr(self, 'progress')
     if no_progress: self.remove_cb(ProgressCallback)
@@ -405,6 +410,7 @@ class _Launched:
             # on the CPU the group's FileStore belongs to debug_launcher, which deletes its file itself
             if not self.cpu: teardown_distributed()
 
+# %% ../nbs/15a_distributed.ipynb #c461fa
 def notebook_launch(fn, *args, num_processes:int|None=None, cpu:bool|None=None, mixed_precision:str='no',
                     master_port:int|None=None, **kwargs):
     "Run `fn(*args, **kwargs)` in `num_processes` processes (GPUs: one each; CPU: gloo); return rank 0's result."

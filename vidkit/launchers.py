@@ -101,6 +101,7 @@ def detect_launcher(environ=None) -> str|None:
         return 'slurm'                  # srun --mpi=pmi2/pmix: the same ranks, and Slurm knows the nodes
     return 'mpi' if mpi else 'slurm' if step else None
 
+# %% ../nbs/15_launchers.ipynb #c343ca
 def launcher_env(environ=None) -> dict:
     "The torch variables (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`, ..., `MASTER_ADDR`, `MASTER_PORT`) of a Slurm or MPI task; `{}` for others."
     env = os.environ if environ is None else environ

@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 import torch
 from torch import nn
+from fastcore.meta import delegates
 from fastai.torch_core import get_model, default_device
 from fastai.learner import Learner, Metric
 from fastai.optimizer import Adam
@@ -91,8 +92,9 @@ def load_localizer(path, device=None) -> nn.Module:
     return model.to(device if device is not None else default_device()).eval()
 
 # %% ../../nbs/17f_localization_learner.ipynb #lf024
+@delegates(bmn_proposals, but=['rec'])
 @torch.no_grad()
-def predict_proposals(model, records, feature_dir, bs:int=8, fmt:str|None=None, device=None, **post_kw) -> dict:
+def predict_proposals(model, records, feature_dir, bs:int=8, fmt:str|None=None, device=None, **kwargs) -> dict:
     "`{video: (m, 3) [start_s, end_s, score]}`: a localizer (module, Learner or checkpoint path) on the videos' feature files."
     if isinstance(model, (str, os.PathLike)): model = load_localizer(model, device)
     if isinstance(model, Learner): model = model.model
@@ -108,15 +110,16 @@ def predict_proposals(model, records, feature_dir, bs:int=8, fmt:str|None=None, 
             x = torch.stack([ds[j][0] for j in idx]).to(dev)
             cm, s, e = model(x)
             for b, j in enumerate(idx):
-                out[ds.records[j].name] = bmn_proposals(cm[b], s[b], e[b], ds.records[j], **post_kw)
+                out[ds.records[j].name] = bmn_proposals(cm[b], s[b], e[b], ds.records[j], **kwargs)
     finally: model.train(was)
     return out
 
 # %% ../../nbs/17f_localization_learner.ipynb #lf027
+@delegates(predict_proposals)
 def evaluate_localizer(model, annotations, feature_dir, max_avg_proposals:int=100, results_file=None, bs:int=8,
-                       fmt:str|None=None, device=None, **post_kw) -> tuple[ProposalRecall, dict]:
+                       fmt:str|None=None, device=None, **kwargs) -> tuple[ProposalRecall, dict]:
     "AR@AN of a localizer's proposals on the videos of `annotations` (file or records); optionally write the results JSON."
     recs = read_activitynet_localization(annotations)[0] if isinstance(annotations, (str, os.PathLike)) else list(annotations)
-    props = predict_proposals(model, recs, feature_dir, bs=bs, fmt=fmt, device=device, **post_kw)
+    props = predict_proposals(model, recs, feature_dir, bs=bs, fmt=fmt, device=device, **kwargs)
     if results_file is not None: write_results_json(props, results_file)
     return average_recall_at_avg_proposals(recs, props, max_avg_proposals), props

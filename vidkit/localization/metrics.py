@@ -191,6 +191,7 @@ class DetectionResult:
     classes: list
     tiou_thresholds: np.ndarray
     def summary(self) -> dict:
+        "`average_mAP` and `mAP@<tIoU>` for each threshold, as a flat dict of floats."
         return {'average_mAP': float(self.average_mAP), **{f'mAP@{t:.2f}': float(m) for t, m in zip(self.tiou_thresholds, self.mAP)}}
     def __repr__(self):
         return f"DetectionResult(average mAP {self.average_mAP:.4f}; mAP@0.5 {self.mAP[0]:.4f}, @0.75 {self.mAP[5]:.4f}, @0.95 {self.mAP[-1]:.4f})"

@@ -45,7 +45,9 @@ class JobReport:
     notes: list = field(default_factory=list)
     failed_csv: Path|None = None
 
-    def fail(self, item, reason): self.failed.append((str(item), str(reason)))
+    def fail(self, item, reason):
+        "Record that `item` failed, and why (`reason`)."
+        self.failed.append((str(item), str(reason)))
 
     @property
     def exit_code(self) -> int:

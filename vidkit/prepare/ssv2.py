@@ -85,6 +85,7 @@ def _part_opener(p:Path):
         return op
     return lambda: open(p, 'rb')
 
+# %% ../../nbs/10f_prepare_ssv2.ipynb #c340ea
 def _extract_parts(parts, dst:Path, strip:str):
     "Stream the concatenated `parts` (a .tar.gz cut in pieces, or a split zip) and extract `strip/*` into `dst`."
     marker = dst/'.extracted-20bn-something-something-v2'

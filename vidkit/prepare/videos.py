@@ -116,6 +116,7 @@ def _rel_sources(src, src_root, extensions, exclude):
     root = Path(src_root) if src_root is not None else Path(os.path.commonpath([str(p.parent.absolute()) for p in paths]))
     return [(p, os.path.relpath(p.absolute(), root.absolute())) for p in paths]
 
+# %% ../../nbs/10a_prepare_videos.ipynb #c745cd
 def extract_frames(src, dst_root, short_side:int|None=None, workers:int|None=None, quality:int=95,
                    filename_tmpl:str='img_{:05}.jpg', start_index:int=1, src_root=None, extensions=VIDEO_EXTENSIONS,
                    limit:int|None=None, overwrite:bool=False, progress:bool=True, verbose:bool=True,
