@@ -27,6 +27,9 @@ if cfg.get('pip_requirements'): requirements += shlex.split(cfg.get('pip_require
 min_python = cfg['min_python']
 lic = licenses.get(cfg['license'].lower(), (cfg['license'], None))
 dev_requirements = (cfg.get('dev_requirements') or '').split()
+# optional extras: `pip install -e ".[torchcodec]"` (a faster decoder; needs FFmpeg's shared libraries) and ".[peers]" (the
+# loaders `python -m vidkit.bench data` measures vidkit against); neither is a vidkit dependency
+extras = {name: (cfg.get(f'{name}_requirements') or '').split() for name in ('torchcodec', 'peers')}
 
 package_data = dict()
 pkg_data = cfg.get('package_data', None)
@@ -47,7 +50,7 @@ setuptools.setup(
     packages = setuptools.find_packages(include=[cfg['lib_name'], cfg['lib_name'] + '.*']),
     include_package_data = True,
     install_requires = requirements,
-    extras_require={ 'dev': dev_requirements },
+    extras_require={ 'dev': dev_requirements, **extras },
     dependency_links = cfg.get('dep_links','').split(),
     python_requires  = '>=' + cfg['min_python'],
     long_description = open('README.md', encoding='utf-8').read(),

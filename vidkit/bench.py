@@ -83,18 +83,37 @@ class _BareFrames(torch.utils.data.Dataset):
         return torch.stack([torch.from_numpy(np.asarray(Image.open(Path(r.path)/f'img_{k:05}.jpg').convert('RGB'))) for k in idx]).permute(0, 3, 1, 2)
 
 # %% ../nbs/13_bench.ipynb #c007a
-def _torchcodec_peer_tfms(x):
-    "The recipe's transforms written directly in torchvision, for the 'TorchCodec + same transforms' contender."
-    h, w = x.shape[-2:]; s = 128 / min(h, w)
-    x = TF.resize(x, [round(h * s), round(w * s)], antialias=True)
+def _peer_crop_flip(x):
+    "The recipe after the resize, written directly in torchvision: MMAction2's multi-scale crop, resize to 112, flip."
     m = MultiScaleCrop(112); h, w = x.shape[-2:]
     ch, cw = random.choice(m.crop_sizes(h, w)); t, l = random.choice(m.fixed_offsets(h, w, ch, cw))
     x = TF.resize(x[..., t:t + ch, l:l + cw], [112, 112], antialias=True)
     return TF.hflip(x) if random.random() < 0.5 else x
 
+def _torchcodec_peer_tfms(x):
+    "The recipe's transforms written directly in torchvision, for the 'TorchCodec + same transforms' contender."
+    h, w = x.shape[-2:]; s = 128 / min(h, w)
+    return _peer_crop_flip(TF.resize(x, [round(h * s), round(w * s)], antialias=True))
+
 class _TorchCodecPeer(_BareVideo):
     "TorchCodec decoding + the recipe's transforms in plain torchvision (what a user could write instead of vidkit)."
     def __getitem__(self, i): return _torchcodec_peer_tfms(super().__getitem__(i))
+
+# %% ../nbs/13_bench.ipynb #c616ee
+class _PyTorchVideoPeer(torch.utils.data.Dataset):
+    "PyTorchVideo 0.1.5 decoding (`EncodedVideo`, PyAV) and `short_side_scale`, then the recipe's crop and flip."
+    def __init__(self, paths): self.paths = paths
+    def __len__(self): return len(self.paths)
+    def __getitem__(self, i):
+        import torchvision.transforms.functional as F
+        sys.modules.setdefault('torchvision.transforms.functional_tensor', F)    # removed from torchvision; PyTorchVideo imports it
+        from pytorchvideo.data.encoded_video import EncodedVideo
+        from pytorchvideo.transforms.functional import short_side_scale
+        v = EncodedVideo.from_path(self.paths[i], decoder='pyav', decode_audio=False)
+        x = v.get_clip(0, v.duration)['video']      # (C, T, H, W) float: every frame of the span
+        v.close()
+        x = short_side_scale(x[:, SampleFrames(1, num_clips=8)(x.shape[1], None)], 128)
+        return _peer_crop_flip(x.transpose(0, 1))
 
 # %% ../nbs/13_bench.ipynb #c007b
 def _mmaction2_loader(paths, bs, workers):
@@ -136,6 +155,7 @@ def _contender(name:str, spec:dict, n_clips:int, workers:int, bs:int=8) -> dict:
     elif name.startswith('bare:'): dl = DataLoader(_BareVideo(paths, name[5:]), **dl_kw)
     elif name == 'torchcodec+tfms': dl = DataLoader(_TorchCodecPeer(paths, 'torchcodec'), **dl_kw)
     elif name == 'mmaction2': dl = _mmaction2_loader(paths, bs, workers)
+    elif name == 'pytorchvideo': dl = DataLoader(_PyTorchVideoPeer(paths), **dl_kw)
     else: raise ValueError(f"unknown contender {name!r}")
     it = iter(dl)
     next(it)
@@ -225,16 +245,17 @@ def _judge(res:dict, min_vs_mmaction2:float=1.1, min_vs_bare:float=0.9, max_firs
 # %% ../nbs/13_bench.ipynb #c009b
 def bench_data(out_dir=None, n_clips:int=240, workers:int=2, repeats:int=3, leak_clips:int=1000, root=None,
                contenders=None, hd_clips:int|None=None) -> dict:
-    "vidkit's loader against bare decoding with each installed decoder, and MMAction2/TorchCodec peers when installed, on MMAction2's TSN recipe; writes `data.json`."
+    "vidkit's loader against bare decoding with each installed decoder, and MMAction2/TorchCodec/PyTorchVideo peers when installed, on MMAction2's TSN recipe; writes `data.json`."
     root = Path(root or tempfile.mkdtemp(prefix='vidkit_bench_'))
     sets = {'340x256': dict(size=(256, 340), n_per_class=3, num_frames=(96, 128), rawframes=True),
             '720p': dict(size=(720, 1280), n_per_class=1, num_frames=(48, 64), rawframes=False)}
-    have = {m: _installed(m) for m in ('decord', 'torchcodec.decoders', 'mmaction.datasets')}
+    have = {m: _installed(m) for m in ('decord', 'torchcodec.decoders', 'mmaction.datasets', 'pytorchvideo.data.encoded_video')}
     if contenders is None:
         contenders = ['vidkit', 'vidkit:decord'] + (['vidkit:torchcodec'] if have['torchcodec.decoders'] else [])
         contenders += ['bare:decord'] if have['decord'] else []
         contenders += ['bare:torchcodec', 'torchcodec+tfms'] if have['torchcodec.decoders'] else []
         contenders += ['mmaction2'] if have['mmaction.datasets'] else []
+        contenders += ['pytorchvideo'] if have['pytorchvideo.data.encoded_video'] else []
         contenders += ['vidkit:frames', 'bare:frames']
     hd_clips = hd_clips or max(16, n_clips // 5)
     res = dict(recipe=_RECIPE, workers=workers, n_clips=n_clips, hd_clips=hd_clips, repeats=repeats, installed=have,
