@@ -99,6 +99,7 @@ class S3DFeatures(nn.Module):
         self.features = net.features
     def forward(self, x): return self.features(x)
 
+# %% ../nbs/06b_backbones.ipynb #c175ef
 class MViTFeatures(nn.Module):
     "torchvision `mvit_v2_s` without its head: (B, 3, T, H, W) -> class token (B, 768)."
     def __init__(self, net):
@@ -120,6 +121,7 @@ class Swin3dFeatures(nn.Module):
         x = self.norm(self.features(self.pos_drop(self.patch_embed(x))))
         return x.permute(0, 4, 1, 2, 3)
 
+# %% ../nbs/06b_backbones.ipynb #c413ff
 def _tv_video_factory(name, wrapper, dim):
     def make(**kw):
         return wrapper(getattr(_tv_video, name)(weights=None, **kw)), dim, '3d'

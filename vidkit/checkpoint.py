@@ -63,6 +63,7 @@ def _restore_gen(cur, st):
 
 def _tuplify_deep(o): return tuple(_tuplify_deep(v) for v in o) if isinstance(o, (list, tuple)) else o
 
+# %% ../nbs/08a_checkpoint.ipynb #c052ef
 def _rng_holders(learn):
     "(name, object) pairs of the DataLoaders, their transforms and datasets, which may hold generators of their own."
     for i, dl in enumerate(getattr(learn.dls, 'loaders', [])):
@@ -139,6 +140,7 @@ def checkpoint_state(learn, with_opt:bool=True, epoch:int|None=None) -> dict:
     })
     return ck
 
+# %% ../nbs/08a_checkpoint.ipynb #c495ee
 def _ckpt_path(learn, fname) -> Path:
     "`fname` as a path: a name without folder/suffix goes to `learn.path/learn.model_dir/{fname}.pth`."
     p = Path(fname)

@@ -119,6 +119,7 @@ def atomic_path(path):
         raise
     _fsync_dir(path.parent)
 
+# %% ../nbs/00_core.ipynb #c300bd
 def atomic_write(path, data) -> Path:
     "Write `data` (text, bytes, or a function that writes to a binary file object) to `path` atomically; return `path`."
     with atomic_path(path) as tmp:
@@ -127,6 +128,7 @@ def atomic_write(path, data) -> Path:
             else: f.write(data.encode('utf-8') if isinstance(data, str) else bytes(data))
     return Path(path)
 
+# %% ../nbs/00_core.ipynb #c922ad
 @contextmanager
 def atomic_dir(path):
     "Yield an empty temporary folder next to `path`; when the block succeeds it replaces `path` (a folder or a file), on an error it is removed."

@@ -66,6 +66,7 @@ def _fetch(url:str, part:Path, timeout:float, resume:bool, progress:bool, chunk_
                 if resume and part.exists() and part.stat().st_size else '')
         raise DownloadError(url, f"download failed: {type(e).__name__}: {e}{kept}") from e
 
+# %% ../nbs/00a_download.ipynb #c436bf
 def _sha256(path) -> str:
     h = hashlib.sha256()
     with open(path, 'rb') as f:

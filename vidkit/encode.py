@@ -55,6 +55,7 @@ def _frame_chunks(frames):
         a = np.asarray(f.cpu() if isinstance(f, torch.Tensor) else f)
         yield a[None] if a.ndim == 3 else a
 
+# %% ../nbs/00b_encode.ipynb #c944ed
 def write_video(path, frames, fps:float=25, codec:str|None=None, crf:int=23, preset:str='veryfast', gop:int|None=None,
                 deterministic:bool=False) -> int:
     "Encode uint8 RGB `frames` (`(T,H,W,3)`, or an iterable of such chunks or of frames) to `path` atomically; return the frame count."

@@ -239,6 +239,7 @@ def _from_zoo(entry, device) -> Recognizer:
     kwargs = {k: v for k, v in model.create_args.items() if k not in ('name', 'num_classes')}
     return Recognizer(model, list(entry.classes), entry.recipe, False, device, entry.model, kwargs)
 
+# %% ../nbs/09_inference.ipynb #c476bb
 def load_recognizer(path, device=None) -> Recognizer:
     "A `Recognizer` from zoo weights (`'tsm_r50.kinetics400'`), a vidkit checkpoint (`.pth`, read weights-only) or a learner exported with `learn.export()` (`.pkl`)."
     device = torch.device(device) if device is not None else _default_device()
@@ -321,6 +322,7 @@ def _ort_check(onnx_path, model, shape, dynamic_batch, atol, rtol):
         raise RuntimeError(f"export_onnx: onnxruntime and PyTorch disagree (max abs difference {diff:.3g}); the file was not written")
     return diff
 
+# %% ../nbs/09_inference.ipynb #c880cf
 def export_onnx(model, path, input_shape=None, opset:int=17, dynamic_batch:bool=True, verify:bool=True,
                 atol:float=1e-4, rtol:float=1e-4, dynamo:bool=False) -> Path:
     "Export a video model (Recognizer, Learner, checkpoint path or module) to ONNX: input `clips` float `(B,T,C,H,W)`, output `logits`."

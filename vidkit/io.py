@@ -38,6 +38,7 @@ def _pyav_header(path) -> tuple:
         s = c.streams.video[0]
         return s.codec_context.height, s.codec_context.width, s.frames
 
+# %% ../nbs/01_io.ipynb #c284ca
 class DecordReader(VideoReader):
     "Read a video file with decord (`get_batch`), optionally scaling while decoding."
     backend = 'decord'
@@ -151,6 +152,7 @@ def _avi_reordered(path) -> bool:
         remember_facts(key, known)
     return known[0]
 
+# %% ../nbs/01_io.ipynb #c680ed
 class TorchCodecReader(VideoReader):
     "Read a video file with TorchCodec (`get_frames_at`, exact seeking); resize after decoding; `device='cuda'` decodes on the GPU."
     def __init__(self, path, name=None, short_side=None, size=None, num_threads:int=1, fallback:bool=False, device=None):
@@ -209,6 +211,7 @@ def load_decoder(backend:str):
     if backend == 'torchcodec': return _torchcodec()
     raise ValueError(f"load_decoder: expected 'decord' or 'torchcodec', got {backend!r}")
 
+# %% ../nbs/01_io.ipynb #c510cf
 def _is_url(src) -> bool:
     return isinstance(src, str) and src.split('://', 1)[0].lower() in ('http', 'https')
 
@@ -267,6 +270,7 @@ class VideoInfo(NamedTuple):
     duration: float|None
     backend: str
 
+# %% ../nbs/01_io.ipynb #c195af
 def _probe_pyav(path, name) -> VideoInfo:
     import av
     try:

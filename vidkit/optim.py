@@ -32,6 +32,7 @@ class ParamGroup(list):
     def hypers(self) -> dict: return dict(lr_mult=self.lr_mult, wd_mult=self.wd_mult, stage=self.stage)
     def __repr__(self): return f"ParamGroup({len(self)} tensors, lr_mult={self.lr_mult:g}, wd_mult={self.wd_mult:g}, stage={self.stage})"
 
+# %% ../nbs/07b_optim.ipynb #c888cd
 class MultOptimizer(Optimizer):
     "A fastai `Optimizer` whose groups have `lr_mult`/`wd_mult` hypers (applied at each step) and a `stage` that `slice` and `freeze_to` count in."
     def _stages(self) -> list: return [int(h.get('stage', i)) for i, h in enumerate(self.hypers)]
@@ -58,6 +59,7 @@ class MultOptimizer(Optimizer):
                 if isinstance(new, dict): state.update(new)
             self.state[p] = state
 
+# %% ../nbs/07b_optim.ipynb #c420be
 class with_multipliers:
     "Wrap a fastai `opt_func` (`SGD`, `Adam`, ...) so that `ParamGroup` multipliers from the splitter become optimizer hypers."
     def __init__(self, opt_func=Adam): self.opt_func = opt_func

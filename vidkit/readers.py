@@ -283,6 +283,7 @@ def _tmpl_regex(tmpl:str):
     if fields != 1: raise ValueError(f"filename_tmpl must have exactly one {{}} field for the frame number, got {tmpl!r}")
     return re.compile(''.join(parts) + r'\Z')
 
+# %% ../nbs/00c_readers.ipynb #c662cc
 class FrameFolderReader(VideoReader):
     "Read a folder of frame images: frame `i` is `filename_tmpl.format(i + start_index)`."
     backend = 'frames'

@@ -153,6 +153,7 @@ def _as_records(data):
     recs = [r if isinstance(r, VideoRecord) else VideoRecord(*r) if isinstance(r, (tuple, list)) else VideoRecord(r) for r in data]
     return recs, {}
 
+# %% ../nbs/08b_views.ipynb #c621dc
 def evaluate_views(learn, data, num_clips:int=10, num_crops:int=3, average:str='prob', bs:int|None=None,
                    max_views_per_batch:int=16, out=None, twice_sample:bool=False, num_workers:int=0,
                    on_error:str='raise') -> ViewResults:
