@@ -364,3 +364,31 @@ def test_tutorial_bmn_beats_sliding_windows(tmp_path):
     assert set(m['ar']) == {'auc', 'AR@1', 'AR@5', 'AR@10', 'AR@100'} and len(m['history']) == m['epochs']
     assert Path(m['checkpoint']).is_file() and read_results_json(m['proposals'])
     assert {Path(p).name for p in m['plots']} >= {'ar_an.png', 'timelines.png', 'recording.png', 'features.png', 'training.png'}
+
+
+@pytest.mark.slow
+def test_tutorial_with_a_trained_recognizer(tmp_path):
+    "`rec_epochs=1`: the lesson first trains a TSN-R18 on trimmed clips, and extracts the features with that recognizer."
+    from vidkit.batch import run_notebook
+    from vidkit.checkpoint import load_checkpoint
+    nb = Path(__file__).resolve().parent.parent/'nbs'/'tutorials'/'09_localization.ipynb'
+    out = tmp_path/'out'
+    # a short run, not the lesson's claim: no margin over the baseline is asked for (min_margin=0: no check)
+    r = run_notebook(nb, out, parameters=dict(out_dir=str(out), rec_epochs=1, n_videos=12, epochs=2, min_margin=0.0),
+                     timeout=900, require_metrics=True)
+    m = r.metrics
+    assert json.loads((out/'metrics.json').read_text()) == m and m['epochs'] == 2 and len(m['history']) == 2
+    assert set(m['ar']) == {'auc', 'AR@1', 'AR@5', 'AR@10', 'AR@100'} and 0 <= m['auc'] <= 100 and m['ar']['auc'] == m['auc']
+    assert all(0 <= m['ar'][f'AR@{k}'] <= 1 for k in (1, 5, 10, 100)) and (m['n_train'], m['n_valid']) == (9, 3)
+    assert Path(m['checkpoint']).is_file() and read_results_json(m['proposals'])
+    # the recognizer it trained: a learner's checkpoint after 1 epoch (the untrained default is a bare model: epoch 0)
+    ck = load_checkpoint(out/'recognizer.pth')
+    assert ck['arch'] == 'tsn_r18' and ck['epoch'] == 1 and len(ck['recorder']['values']) == 1
+    assert (out/'trimmed').is_dir()
+    # ... and the features are that recognizer's: extracting a validation video again with it gives the same rows
+    valid, _ = read_activitynet_localization(out/'data'/'anet_anno_val.json')
+    name = valid[0].name
+    extract_features(out/'recognizer.pth', [out/'data'/'videos'/f'{name}.mp4'], tmp_path/'again', interval=16, temporal_dim=32,
+                     num_workers=0, progress=False, device='cpu')
+    again, saved = np.load(tmp_path/'again'/f'{name}.npy'), np.load(out/'features'/f'{name}.npy')
+    assert again.shape == saved.shape == (32, 512) and np.allclose(again, saved, atol=1e-5)

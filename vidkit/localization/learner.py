@@ -13,8 +13,10 @@ from fastai.torch_core import get_model, default_device
 from fastai.learner import Learner, Metric
 from fastai.optimizer import Adam
 from fastai.callback.training import GradientClip
+from fastai.distributed import DistributedDL
 from ..formats import read_activitynet_localization
 from ..checkpoint import atomic_save, load_checkpoint, checkpoint_state, model_checkpoint
+from ..distributed import gather_object
 from .metrics import ProposalRecall, average_recall_at_avg_proposals, write_results_json
 from .bmn import LOCALIZERS, BMNLoss, create_localizer, list_localizers
 from .proposals import bmn_proposals
@@ -25,26 +27,42 @@ __all__ = ['ARAN', 'localization_learner', 'save_localizer', 'load_localizer', '
 
 # %% ../../nbs/17f_localization_learner.ipynb #lf008
 class ARAN(Metric):
-    "fastai metric: AR@AN of the validation videos' BMN proposals; `which` = 'auc' (default) or 'AR@k'."
+    "fastai metric: AR@AN of the validation videos' BMN proposals (of all processes' videos); `which` = 'auc' (default) or 'AR@k'."
     def __init__(self, which:str='auc', max_avg_proposals:int=100, **post_kw):
         if which != 'auc' and not (which.startswith('AR@') and which[3:].isdigit()): raise ValueError(f"which should be 'auc' or 'AR@k', got {which!r}")
         self.which, self.max_avg_proposals, self.post_kw = which, max_avg_proposals, post_kw
         self.reset()
     @property
     def name(self): return self.which
-    def reset(self): self.props, self.recs, self.i = {}, {}, 0
+    def reset(self): self.props, self.recs, self.i, self.sharded, self._all = {}, {}, 0, False, None
     def accumulate(self, learn):
         cm, s, e = learn.pred
-        recs = learn.dl.dataset.records                      # the validation loader keeps the dataset's order
+        dl, self._all = learn.dl, None
+        recs = dl.dataset.records                            # the validation loader keeps the dataset's order
+        first = 0
+        if isinstance(dl, DistributedDL) and dl.world_size > 1:
+            # this process's share: positions rank*n_padded/world.. of the videos in order, padded with the first ones again
+            self.sharded, first = True, dl.rank * dl.n_padded // dl.world_size
         for b in range(len(cm)):
-            r = recs[self.i]; self.i += 1
+            r = recs[(first + self.i) % len(recs)]; self.i += 1
             self.recs[r.name] = r
             self.props[r.name] = bmn_proposals(cm[b], s[b], e[b], r, **self.post_kw)
+    def _gathered(self) -> tuple[dict, dict]:
+        "`(records, proposals)` of all processes' videos, each video once, in the loader's order (computed once per validation)."
+        if not self.sharded: return self.recs, self.props
+        if self._all is None:
+            recs, props = {}, {}
+            for rs, ps in gather_object((self.recs, self.props)):     # rank order = the videos' order
+                for k in rs:
+                    if k not in recs: recs[k], props[k] = rs[k], ps[k]   # a padded repeat: the same video, the same weights
+            self._all = recs, props
+        return self._all
     @property
     def value(self):
-        recs = [r for r in self.recs.values() if len(r.segments)]
+        recs, props = self._gathered()
+        recs = [r for r in recs.values() if len(r.segments)]
         if not recs: return None
-        res = average_recall_at_avg_proposals(recs, self.props, self.max_avg_proposals)
+        res = average_recall_at_avg_proposals(recs, props, self.max_avg_proposals)
         return res.auc if self.which == 'auc' else res.ar(int(self.which[3:]))
 
 # %% ../../nbs/17f_localization_learner.ipynb #lf012
