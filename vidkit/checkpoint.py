@@ -172,7 +172,7 @@ class CheckpointCallback(TrackerCallback):
                  every_epoch:bool|int=True, with_opt:bool=True):
         super().__init__(monitor='valid_loss' if monitor == 'auto' else monitor, comp=comp, min_delta=min_delta)
         store_attr('fname,best_fname,every_epoch,with_opt')
-        self.auto_monitor, self.user_comp, self._cancelled = monitor == 'auto', comp, False
+        self.auto_monitor, self.user_comp, self._cancelled, self._trained = monitor == 'auto', comp, False, False
 
     def before_fit(self):
         rec_names = list(self.recorder.metric_names[1:])
@@ -188,10 +188,12 @@ class CheckpointCallback(TrackerCallback):
             for f in (self.fname, self.best_fname):
                 if f: remove_stale_tmp(_ckpt_path(self.learn, f))
 
-    def before_epoch(self): self._cancelled, self._t0 = False, time.time()
+    def before_epoch(self): self._cancelled, self._trained, self._t0 = False, False, time.time()
+    def after_train(self): self._trained = True
     def after_cancel_epoch(self): self._cancelled = True
 
     def after_epoch(self):
+        if not (self._trained or self._cancelled): return    # `learn.validate()` runs the fit and epoch events too: nothing to save
         super().after_epoch()                                   # best / new_best from the recorded values
         if self._cancelled: return
         times = self.learn._vk_epoch_times
