@@ -216,7 +216,8 @@ def test_kinetics_and_ssv2_layouts(synth, tmp_path, layout, stem, subs, flips):
     from vidkit.cli_train import make_dls
     from vidkit.transforms import Flip
     root = _prepared(tmp_path, synth, stem, subs)
-    args = build_parser().parse_args(['train', '--layout', layout, '--data', str(root), '--frames', '2', '--size', '32', '--workers', '0'])
+    args = build_parser().parse_args(['train', '--layout', layout, '--data', str(root), '--frames', '2', '--size', '32', '--workers', '0',
+                                      '--augment', 'multiscale'])     # flips are part of the multi-scale recipe
     dls = make_dls(args)
     assert list(dls.vocab) == synth.classes and len(dls.valid_ds) == len(synth.val_list.read_text().split())// 2
     assert any(isinstance(t, Flip) for t in dls.train_ds.tfms.fs) == flips
@@ -225,9 +226,12 @@ def test_no_flip_and_flip_label_map(synth, tmp_path, capsys):
     from vidkit.cli import build_parser
     from vidkit.cli_train import make_dls
     from vidkit.transforms import Flip
-    args = build_parser().parse_args(['train', '--data', str(synth.root), '--size', '32', '--workers', '0', '--no-flip'])
+    args = build_parser().parse_args(['train', '--data', str(synth.root), '--size', '32', '--workers', '0', '--augment', 'multiscale', '--no-flip'])
     assert not any(isinstance(t, Flip) for t in make_dls(args).train_ds.tfms.fs)
-    args = build_parser().parse_args(['train', '--data', str(synth.root), '--size', '32', '--workers', '0', '--set', 'data.flip_label_map={0: 1, 1: 0}'])
+    dls = make_dls(build_parser().parse_args(['train', '--data', str(synth.root), '--size', '32', '--workers', '0']))
+    assert dls.train_augment == 'light' and not any(isinstance(t, Flip) for t in dls.train_ds.tfms.fs)   # a few clips a class: centre crops
+    args = build_parser().parse_args(['train', '--data', str(synth.root), '--size', '32', '--workers', '0', '--set', 'data.flip_label_map={0: 1, 1: 0}',
+                                      '--augment', 'multiscale'])
     flip = [t for t in make_dls(args).train_ds.tfms.fs if isinstance(t, Flip)]
     assert flip and flip[0].flip_label_map == {0: 1, 1: 0}
 
@@ -238,6 +242,7 @@ BAD = [  # (YAML text, --set overrides, what the error says)
     ('fit:\n  epochz: 2\ndata: {{root: {root}}}\n', [], ["line 2: unknown key 'fit.epochz'; did you mean 'fit.epochs'"]),
     ('data:\n  root: {root}\n  bs: four\n', [], ["line 3: data.bs: expected an int, got 'four'"]),
     ('data:\n  root: {root}\n  flip: maybe\n', [], ["line 3: data.flip: expected true or false or null, got 'maybe'"]),
+    ('data:\n  root: {root}\n  augment: heavy\n', [], ["line 3: data.augment: 'heavy' is not one of: auto, light, multiscale"]),
     ('data:\n  root: {root}\n', ['fit.epochs=two'], ["--set fit.epochs=two: fit.epochs: expected an int, got 'two'"]),
     ('data:\n  root: {root}\n  layout: list\n  train_list: nope.txt\n  valid_list: nope2.txt\n', [], ['line 4: data.train_list: nope.txt: file not found']),
     ('data:\n  root: /nonexistent/data\n  layout: hmdb51\n', [], ['line 2: data.root: /nonexistent/data: data folder not found']),

@@ -46,7 +46,7 @@ from .config import LAYOUTS
 # flag (argparse dest) -> recipe key: `--bs 4`, `--set data.bs=4` and `bs: 4` in a config file are the same thing
 _FLAG_KEYS = dict(layout='data.layout', data='data.root', train_list='data.train_list', val_list='data.valid_list',
                   classes='data.classes', split='data.split', valid_pct='data.valid_pct', frames='data.frames',
-                  size='data.size', bs='data.bs', workers='data.num_workers', flip='data.flip', seed='seed',
+                  size='data.size', bs='data.bs', workers='data.num_workers', augment='data.augment', flip='data.flip', seed='seed',
                   arch='learner.arch', pretrained='learner.pretrained', fc_lr5='learner.fc_lr5', load_from='load_from',
                   resume_from='resume_from', work_dir='work_dir', epochs='fit.epochs', lr='fit.lr',
                   auto_scale_lr='fit.auto_scale_lr', base_batch_size='fit.base_batch_size',
@@ -74,6 +74,8 @@ def _data_args(p, train:bool=True):
     g.add_argument('--size', type=int, default=None, help='crop size in pixels (default 112)')
     g.add_argument('--bs', type=int, default=None, help='batch size (default 8)')
     g.add_argument('--workers', type=int, default=None, help='DataLoader workers (default: up to 2)')
+    g.add_argument('--augment', choices=('auto', 'light', 'multiscale'), default=None,
+                   help="training crops: MMAction2's multi-scale crops and flips, centre crops, or 'auto' (centre crops under 100 clips a class; the default)")
     g.add_argument('--no-flip', dest='flip', action='store_false', default=None, help='no random horizontal flips (data.flip: false)')
     g.add_argument('--seed', type=int, default=None, help='random seed (default 0)')
 
@@ -174,6 +176,8 @@ def _train(args, info):
     with main_process_first():                         # rank 0 writes the dataset / downloads weights, then the others
         dls = attach_recipe(build_dls(r), saved)
         learn = build_learner(r, dls, path=work)
+    if r.data.augment == 'auto' and r.data.item_tfms is None:
+        say(f"augment: {dls.train_augment} (augment='auto': {len(dls.train_ds)} training clips in {dls.c} classes)")
     work.mkdir(parents=True, exist_ok=True)
     if info.is_main: save_recipe(saved, work/'config.yaml')
     lr = r.fit.lr or (1e-3 if pretrained is None else 2e-3)

@@ -41,6 +41,7 @@ class DataRecipe:
     num_workers: int|None = None
     item_tfms: list|None = None            # registered transforms: names or {type: name, **arguments}
     batch_tfms: list|None = None
+    augment: str = 'auto'                  # 'multiscale' (MMAction2's crops and flips), 'light' (centre crops), 'auto' (light under 100 clips a class)
     flip: bool|None = None                 # None: the layout's default (on, off for ssv2)
     flip_label_map: dict|None = None       # {class index: class index after a horizontal flip}
     backend: str = 'auto'
@@ -72,6 +73,7 @@ class FitRecipe:
     lr: float|None = None                  # None: 1e-3, or 2e-3 (base lr of fine_tune) with pretrained weights
     schedule: str|dict|None = None         # a registered schedule; None: fit_one_cycle, or fine_tune with weights
     freeze_epochs: int = 1                 # fine_tune's frozen epochs
+    lr_mult: float = 100                   # fine_tune: how much smaller the backbone's learning rate is than the head's
     grad_clip: float|None = None           # max gradient norm
     val_interval: int = 1                  # validate every N epochs (and after the last)
     ckpt_interval: int = 1                 # write models/last.pth every N epochs (and after the last)

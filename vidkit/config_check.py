@@ -130,7 +130,7 @@ def import_modules(names, key:str='imports') -> list:
     return mods
 
 # %% ../nbs/16a_config_check.ipynb #cf034
-_CHOICES = {('data', 'layout'): LAYOUTS, ('data', 'backend'): _BACKENDS,
+_CHOICES = {('data', 'layout'): LAYOUTS, ('data', 'augment'): ('auto', 'light', 'multiscale'), ('data', 'backend'): _BACKENDS,
             ('test', 'average'): ('prob', 'score'), ('test', 'num_crops'): (1, 3, 10),
             ('learner', 'amp'): ('auto', 'fp16', 'bf16', True, False)}
 _POSITIVE = [('data', 'frames'), ('data', 'size'), ('data', 'bs'), ('data', 'val_bs'), ('data', 'short_side'), ('data', 'repeat'),

@@ -26,8 +26,9 @@ from .datasets import (VideoRecord, VideoDataset, RepeatDataset, read_clip, read
                              read_folder, read_hmdb51, read_ucf101)
 
 # %% auto #0
-__all__ = ['SAMPLERS', 'register_sampler', 'list_samplers', 'sampler_to_cfg', 'sampler_from_cfg', 'ClipRecipe',
-           'default_train_tfms', 'VideoDataLoaders', 'show_batch', 'show_clip', 'ReadClip', 'VideoBlock']
+__all__ = ['SAMPLERS', 'LIGHT_AUGMENT_BELOW', 'register_sampler', 'list_samplers', 'sampler_to_cfg', 'sampler_from_cfg',
+           'ClipRecipe', 'resolve_augment', 'default_train_tfms', 'VideoDataLoaders', 'show_batch', 'show_clip',
+           'ReadClip', 'VideoBlock']
 
 # %% ../nbs/06_data.ipynb #c006
 SAMPLERS = Registry('sampler', 'list_samplers')
@@ -101,11 +102,24 @@ class ClipRecipe:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names and v is not None})
 
-# %% ../nbs/06_data.ipynb #c011
-def default_train_tfms(size:int, short_side:int, flip_label_map:dict|None=None, flip:bool=True) -> list:
-    "Training item transforms: resize the short side, MMAction2's multi-scale crop (a centre crop on validation), flip."
+# %% ../nbs/06_data.ipynb #c123be
+LIGHT_AUGMENT_BELOW = 100     # training clips per class under which `augment='auto'` trains on centre crops
+
+def resolve_augment(augment:str, n_train:int, n_classes:int) -> str:
+    "`'multiscale'` or `'light'`: `augment`, or for `'auto'` the one that fits a training set of `n_train` clips in `n_classes` classes."
+    if augment not in ('auto', 'light', 'multiscale'):
+        raise ValueError(f"augment should be 'auto', 'light' or 'multiscale', got {augment!r}")
+    if augment != 'auto': return augment
+    return 'light' if n_train < LIGHT_AUGMENT_BELOW * max(n_classes, 1) else 'multiscale'
+
+def default_train_tfms(size:int, short_side:int, flip_label_map:dict|None=None, flip:bool=True, augment:str='multiscale') -> list:
+    "Training item transforms: resize the short side, then MMAction2's multi-scale crop and flips (`'multiscale'`), or a centre crop (`'light'`)."
+    if augment == 'light': return [Resize(short_side), CenterCrop(size)]
+    if augment != 'multiscale':
+        raise ValueError(f"default_train_tfms: augment should be 'light' or 'multiscale' ('auto' is resolved by resolve_augment), got {augment!r}")
     return [Resize(short_side), MultiScaleCrop(size)] + ([Flip(flip_label_map=flip_label_map)] if flip else [])
 
+# %% ../nbs/06_data.ipynb #c011
 class _InputsOnly:
     "A dataset's items without their labels (fastai's unlabelled `test_dl`: nothing to compute a loss against)."
     def __init__(self, ds): self.ds = ds
@@ -132,7 +146,7 @@ class VideoDataLoaders(DataLoaders):
     @classmethod
     def from_records(cls, train:list, valid:list, vocab:list|None=None, sampler=None, size:int=112, short_side:int|None=None,
                      bs:int=8, val_bs:int|None=None, num_workers:int|None=None, seed:int|None=None, item_tfms:list|None=None,
-                     batch_tfms:list|None=None, flip:bool=True, flip_label_map:dict|None=None, backend:str='auto',
+                     batch_tfms:list|None=None, augment:str='auto', flip:bool=True, flip_label_map:dict|None=None, backend:str='auto',
                      on_error:str='skip', repeat:int=1, decode_resize:bool=True, mean=IMAGENET_MEAN, std=IMAGENET_STD,
                      device=None, path='.', **reader_kw):
         "DataLoaders from lists of `VideoRecord` (or paths): training sampling/augmentation on `train`, test mode on `valid`."
@@ -141,7 +155,9 @@ class VideoDataLoaders(DataLoaders):
         short_side = ifnone(short_side, int(round(size * 8 / 7)))
         if short_side < size: raise ValueError(f"short_side ({short_side}) should be at least the crop size ({size})")
         if decode_resize: reader_kw.setdefault('short_side', short_side)
-        tfms = ifnone(item_tfms, default_train_tfms(size, short_side, flip_label_map, flip))
+        n_classes = len(vocab) if vocab is not None else len({getattr(r, 'label', None) for r in train})
+        augment = resolve_augment(augment, len(train), n_classes)
+        tfms = ifnone(item_tfms, default_train_tfms(size, short_side, flip_label_map, flip, augment))
         norm = Normalize(mean, std)
         train_ds = VideoDataset(train, sampler.with_test_mode(False), tfms, vocab, backend, on_error, split_idx=0, **reader_kw)
         valid_ds = VideoDataset(valid, sampler.with_test_mode(True), tfms, train_ds.vocab, backend, on_error='raise',
@@ -153,6 +169,7 @@ class VideoDataLoaders(DataLoaders):
                      persistent_workers=nw > 0)
         dls = cls(TfmdDL(train_ds, bs=bs, shuffle=True, drop_last=len(train_ds) > bs, **dl_kw),
                   TfmdDL(valid_ds, bs=ifnone(val_bs, bs), shuffle=False, **dl_kw), path=path, device=device)
+        dls.train_augment = augment if item_tfms is None else 'item_tfms'     # what the training clips get
         dls.data_cfg = ClipRecipe(sampler_to_cfg(sampler.with_test_mode(True)), size, short_side, mean, std, backend,
                                   decode_resize, train_ds.multi_label, list(train_ds.vocab))
         return dls

@@ -45,7 +45,7 @@ def build_dls(r:Recipe, sampler=None):
     kw = dict(sampler=sampler if sampler is not None else build_sampler(r), size=d.size, bs=d.bs, num_workers=d.num_workers)
     for k in ('short_side', 'val_bs', 'flip', 'flip_label_map'):
         if getattr(d, k) is not None: kw[k] = getattr(d, k)
-    for k, dflt in (('backend', 'auto'), ('repeat', 1), ('decode_resize', True)):
+    for k, dflt in (('augment', 'auto'), ('backend', 'auto'), ('repeat', 1), ('decode_resize', True)):
         if getattr(d, k) != dflt: kw[k] = getattr(d, k)
     if d.item_tfms is not None: kw['item_tfms'] = build_transforms(d.item_tfms, 'data.item_tfms')
     if d.batch_tfms is not None: kw['batch_tfms'] = build_transforms(d.batch_tfms, 'data.batch_tfms')
@@ -145,7 +145,7 @@ def fit_recipe(learn, r:Recipe, lr:float|None=None, cbs=None):
         n, kw = recipe_spec(f.schedule, 'fit.schedule')
         return learn.fit_schedule(f.epochs, lr, schedule=n, cbs=cbs, **kw)
     if recipe_pretrained(r) is None: return learn.fit_one_cycle(f.epochs, lr, cbs=cbs)
-    return learn.fine_tune(f.epochs, lr, freeze_epochs=f.freeze_epochs, cbs=cbs)
+    return learn.fine_tune(f.epochs, lr, freeze_epochs=f.freeze_epochs, lr_mult=f.lr_mult, cbs=cbs)
 
 # %% ../nbs/16b_training.ipynb #cf046
 def attach_recipe(dls, r:Recipe):
