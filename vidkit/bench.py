@@ -432,8 +432,8 @@ def defaults_targets(res:dict, min_top1:float=0.75) -> dict:
     return {f'default mean top1 >= {min_top1}': dict(value=statistics.mean(top1), met=statistics.mean(top1) >= min_top1),
             'default > multiscale in every seed': dict(value=min(gains), met=min(gains) > 0)}
 
-def bench_defaults(out_dir=None, seeds=(0, 1, 2), n_per_class:int=40, epochs:int=16, lr:float|None=None, size:int=32,
-                   segments:int=8, bs:int=8, arch:str='tsm_r18', root=None) -> dict:
+def bench_defaults(out_dir=None, seeds=(0, 1, 2), n_per_class:int=40, epochs:int=24, lr:float|None=1e-3, size:int=32,
+                   segments:int=4, bs:int=8, arch:str='tsm_r18', root=None) -> dict:
     "The quickstart's recipe from scratch with the library's default augmentation vs MMAction2's multi-scale one, over `seeds`; writes `defaults.json`."
     root = Path(root or tempfile.mkdtemp(prefix='vidkit_bench_'))
     res = dict(recipe=dict(arch=arch, n_per_class=n_per_class, epochs=epochs, lr=lr, size=size, segments=segments, bs=bs), seeds=[])
