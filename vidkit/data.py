@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from fastcore.basics import ifnone, patch
+from fastcore.foundation import L
 from fastcore.meta import delegates
 from fastai.data.core import TfmdDL, DataLoaders, get_show_batch_func
 from fastai.data.block import TransformBlock
@@ -155,7 +156,7 @@ class VideoDataLoaders(DataLoaders):
         short_side = ifnone(short_side, int(round(size * 8 / 7)))
         if short_side < size: raise ValueError(f"short_side ({short_side}) should be at least the crop size ({size})")
         if decode_resize: reader_kw.setdefault('short_side', short_side)
-        n_classes = len(vocab) if vocab is not None else len({getattr(r, 'label', None) for r in train})
+        n_classes = len(vocab) if vocab is not None else len({l for r in train for l in L(getattr(r, 'label', None))})
         augment = resolve_augment(augment, len(train), n_classes)
         tfms = ifnone(item_tfms, default_train_tfms(size, short_side, flip_label_map, flip, augment))
         norm = Normalize(mean, std)
