@@ -103,17 +103,18 @@ class _TorchCodecPeer(_BareVideo):
 # %% ../nbs/13_bench.ipynb #c616ee
 class _PyTorchVideoPeer(torch.utils.data.Dataset):
     "PyTorchVideo 0.1.5 decoding (`EncodedVideo`, PyAV) and `short_side_scale`, then the recipe's crop and flip."
-    def __init__(self, paths): self.paths = paths
-    def __len__(self): return len(self.paths)
-    def __getitem__(self, i):
+    def __init__(self, paths):
         import torchvision.transforms.functional as F
         sys.modules.setdefault('torchvision.transforms.functional_tensor', F)    # removed from torchvision; PyTorchVideo imports it
         from pytorchvideo.data.encoded_video import EncodedVideo
         from pytorchvideo.transforms.functional import short_side_scale
-        v = EncodedVideo.from_path(self.paths[i], decoder='pyav', decode_audio=False)
+        self.paths, self.open, self.short_side_scale = paths, EncodedVideo.from_path, short_side_scale
+    def __len__(self): return len(self.paths)
+    def __getitem__(self, i):
+        v = self.open(self.paths[i], decoder='pyav', decode_audio=False)
         x = v.get_clip(0, v.duration)['video']      # (C, T, H, W) float: every frame of the span
         v.close()
-        x = short_side_scale(x[:, SampleFrames(1, num_clips=8)(x.shape[1], None)], 128)
+        x = self.short_side_scale(x[:, SampleFrames(1, num_clips=8)(x.shape[1], None)], 128)
         return _peer_crop_flip(x.transpose(0, 1))
 
 # %% ../nbs/13_bench.ipynb #c007b
@@ -147,6 +148,7 @@ def _contender(name:str, spec:dict, n_clips:int, workers:int, bs:int=8) -> dict:
     # libraries are imported before the clock starts (the first batch measures the loader, not Python's imports)
     load_decoder('decord'); load_decoder('torchcodec')
     if name == 'mmaction2': import mmaction.datasets, mmengine.runner  # noqa: F401
+    if name == 'pytorchvideo': _PyTorchVideoPeer([])       # its imports (and the alias they need), before the clock
     t0 = time.perf_counter()
     if name.startswith('vidkit'):
         backend = name.split(':')[1] if ':' in name and not rawframes else 'auto'
@@ -337,7 +339,7 @@ def bench_train(out_dir=None, arch:str='tsm_r18', bs:int=4, steps:int=8, size:in
     return res
 
 # %% ../nbs/13_bench.ipynb #c018
-def _fit_eval(root, arch:str, epochs:int, lr:float|None, size:int, segments:int, bs:int, seed:int, pretrained=None,
+def _fit_eval(root, arch:str, epochs:int, lr:float, size:int, segments:int, bs:int, seed:int, pretrained=None,
               freeze_epochs:int=1, lr_mult:float=100, augment:str='auto') -> dict:
     "Train `arch` on the synthetic dataset in `root` (`fit_one_cycle`, or `fine_tune` from `pretrained`); top-1 overall and per class group."
     dls = VideoDataLoaders.from_synthetic(root, sampler=SampleFrames(1, num_clips=segments), size=size, bs=bs, seed=seed, augment=augment)
@@ -345,9 +347,6 @@ def _fit_eval(root, arch:str, epochs:int, lr:float|None, size:int, segments:int,
     learn = video_learner(dls, arch, pretrained=pretrained)
     t0 = time.perf_counter()
     with learn.no_bar(), learn.no_logging():
-        if lr is None:       # as the quickstart: lr_find's valley, kept within [1e-3, 1e-2]
-            lr = float(min(max(learn.lr_find(num_it=40, show_plot=False).valley, 1e-3), 1e-2))
-            set_seed(seed); learn = video_learner(dls, arch, pretrained=pretrained)
         if pretrained is None: learn.fit_one_cycle(epochs, lr)
         else: learn.fine_tune(epochs - freeze_epochs, lr, freeze_epochs=freeze_epochs, lr_mult=lr_mult)
         preds, targs = learn.get_preds()
@@ -432,7 +431,7 @@ def defaults_targets(res:dict, min_top1:float=0.75) -> dict:
     return {f'default mean top1 >= {min_top1}': dict(value=statistics.mean(top1), met=statistics.mean(top1) >= min_top1),
             'default > multiscale in every seed': dict(value=min(gains), met=min(gains) > 0)}
 
-def bench_defaults(out_dir=None, seeds=(0, 1, 2), n_per_class:int=40, epochs:int=24, lr:float|None=1e-3, size:int=32,
+def bench_defaults(out_dir=None, seeds=(0, 1, 2), n_per_class:int=40, epochs:int=24, lr:float=1e-3, size:int=32,
                    segments:int=4, bs:int=8, arch:str='tsm_r18', root=None) -> dict:
     "The quickstart's recipe from scratch with the library's default augmentation vs MMAction2's multi-scale one, over `seeds`; writes `defaults.json`."
     root = Path(root or tempfile.mkdtemp(prefix='vidkit_bench_'))
