@@ -21,8 +21,8 @@ from .data import ClipRecipe
 from .learner import is_multi_label
 
 # %% auto #0
-__all__ = ['atomic_save', 'model_checkpoint', 'checkpoint_state', 'save_checkpoint', 'load_checkpoint', 'CheckpointCallback',
-           'ResumeCallback']
+__all__ = ['atomic_save', 'model_checkpoint', 'checkpoint_state', 'save_checkpoint', 'load_checkpoint', 'FitEpochCallback',
+           'CheckpointCallback', 'ResumeCallback']
 
 # %% ../nbs/08a_checkpoint.ipynb #c055
 def atomic_save(obj, path) -> Path:
@@ -165,14 +165,24 @@ def load_checkpoint(path, map_location='cpu') -> dict:
     return ck
 
 # %% ../nbs/08a_checkpoint.ipynb #c064
-class CheckpointCallback(TrackerCallback):
+class FitEpochCallback(Callback):
+    "Base of callbacks that act on a fit's epochs: `fit_epoch` is False in `learn.validate()`, which fires the fit and epoch events too."
+    def before_epoch(self): self._trained = self._cancelled = False
+    def after_train(self): self._trained = True
+    def after_cancel_epoch(self): self._cancelled = True
+    @property
+    def fit_epoch(self) -> bool:
+        "Whether this epoch trained (or was skipped by a resume): not a `learn.validate()`."
+        return getattr(self, '_trained', False) or getattr(self, '_cancelled', False)
+
+class CheckpointCallback(TrackerCallback, FitEpochCallback):
     "After each epoch, atomically save a full vidkit checkpoint to `fname` and, when `monitor` improves, to `best_fname`."
     order = TrackerCallback.order + 2
     def __init__(self, monitor:str='auto', comp=None, min_delta:float=0., fname:str='last', best_fname:str|None='best',
                  every_epoch:bool|int=True, with_opt:bool=True):
         super().__init__(monitor='valid_loss' if monitor == 'auto' else monitor, comp=comp, min_delta=min_delta)
         store_attr('fname,best_fname,every_epoch,with_opt')
-        self.auto_monitor, self.user_comp, self._cancelled, self._trained = monitor == 'auto', comp, False, False
+        self.auto_monitor, self.user_comp = monitor == 'auto', comp
 
     def before_fit(self):
         rec_names = list(self.recorder.metric_names[1:])
@@ -188,12 +198,10 @@ class CheckpointCallback(TrackerCallback):
             for f in (self.fname, self.best_fname):
                 if f: remove_stale_tmp(_ckpt_path(self.learn, f))
 
-    def before_epoch(self): self._cancelled, self._trained, self._t0 = False, False, time.time()
-    def after_train(self): self._trained = True
-    def after_cancel_epoch(self): self._cancelled = True
+    def before_epoch(self): super().before_epoch(); self._t0 = time.time()
 
     def after_epoch(self):
-        if not (self._trained or self._cancelled): return    # `learn.validate()` runs the fit and epoch events too: nothing to save
+        if not self.fit_epoch: return                           # `learn.validate()`: nothing to save
         super().after_epoch()                                   # best / new_best from the recorded values
         if self._cancelled: return
         times = self.learn._vk_epoch_times

@@ -16,7 +16,7 @@ from .data import VideoDataLoaders, sampler_from_cfg
 from .models import create_video_model, model_accepts
 from .optim import get_loss, get_optimizer
 from .learner import video_learner
-from .checkpoint import CheckpointCallback, load_checkpoint
+from .checkpoint import CheckpointCallback, FitEpochCallback, load_checkpoint
 from .config import Recipe
 from .config_check import recipe_spec, layout_files, build_transforms, build_metrics
 
@@ -91,15 +91,13 @@ def build_learner(r:Recipe, dls, path=None, cbs=None):
     return video_learner(dls, L.arch, **kw, **L.model_kw)
 
 # %% ../nbs/16b_training.ipynb #cf043
-class ValidInterval(Callback):
+class ValidInterval(FitEpochCallback):
     "Validate every `every` epochs and after the last; skipped epochs record `nan` validation values."
     order = 51                                    # after the Recorder, whose log it completes
-    def __init__(self, every:int=1): self.every, self._in_fit = int(every), False
-    def before_fit(self): self._in_fit, self._skipped = True, False
-    def after_fit(self): self._in_fit = False
+    def __init__(self, every:int=1): self.every, self._skipped = int(every), False
     def before_validate(self):
         done = self.epoch + 1
-        self._skipped = self._in_fit and self.every > 1 and done % self.every != 0 and done != self.n_epoch
+        self._skipped = self.fit_epoch and self.every > 1 and done % self.every != 0 and done != self.n_epoch
         if self._skipped: raise CancelValidException
     def after_validate(self):
         if not getattr(self, '_skipped', False): return
@@ -108,15 +106,13 @@ class ValidInterval(Callback):
         if rec.valid_metrics: rec.log += [float('nan')] * (1 + len(self.learn.metrics))
 
 # %% ../nbs/16b_training.ipynb #c123ce
-class KeepCheckpoints(Callback):
+class KeepCheckpoints(FitEpochCallback):
     "Keep `models/epoch_<k>.pth` (a link to `last.pth`) every `every` epochs, the newest `keep` of them."
     order = 65                                    # after CheckpointCallback has written last.pth
     def __init__(self, every:int=1, keep:int=1, fname:str='last'): self.every, self.keep, self.fname = int(every), int(keep), fname
-    def before_epoch(self): self._cancelled = False
-    def after_cancel_epoch(self): self._cancelled = True
     def after_epoch(self):
         done = self.epoch + 1
-        if self._cancelled or rank_distrib() != 0 or not (done % self.every == 0 or done == self.n_epoch): return
+        if not self._trained or rank_distrib() != 0 or not (done % self.every == 0 or done == self.n_epoch): return
         d = Path(self.learn.path)/self.learn.model_dir
         src, dst = d/f'{self.fname}.pth', d/f'epoch_{done}.pth'
         if not src.exists(): return
